@@ -305,6 +305,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'echoes.sweep.sweep_key': ('sweep.html#sweep_key', 'echoes/sweep.py'),
                               'echoes.sweep.trial_name': ('sweep.html#trial_name', 'echoes/sweep.py'),
                               'echoes.sweep.trials': ('sweep.html#trials', 'echoes/sweep.py'),
+                              'echoes.sweep.warm_caches': ('sweep.html#warm_caches', 'echoes/sweep.py'),
                               'echoes.sweep.worker_env': ('sweep.html#worker_env', 'echoes/sweep.py')},
             'echoes.tracking': { 'echoes.tracking.Run': ('tracking.html#run', 'echoes/tracking.py'),
                                  'echoes.tracking.Run.__enter__': ('tracking.html#run.__enter__', 'echoes/tracking.py'),

@@ -5,7 +5,7 @@ Every command that produces a result prints it as JSON with `--json`, so it can 
 
 # %% ../nbs/10_cli.ipynb #ed057da7
 from __future__ import annotations
-import argparse, ast, dataclasses, json, sys, typing
+import argparse, ast, dataclasses, inspect, json, sys, typing
 from pathlib import Path
 
 # %% auto #0
@@ -92,12 +92,15 @@ def parser() -> argparse.ArgumentParser:
     u.set_defaults(func=_cmd_ui)
 
     d = sub.add_parser("data", help="build datasets and caches").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    from echoes.data import synth
+    sd = {k: v.default for k, v in inspect.signature(synth).parameters.items()}
     s = d.add_parser("synth", help="write the built-in synthetic motion dataset in UCF101 layout")
     s.add_argument("--out", required=True, type=Path, help="folder to write")
-    s.add_argument("--classes", type=int, default=None, help="number of motion classes (default: all)")
-    s.add_argument("--clips-per-class", type=int, default=None); s.add_argument("--frames", type=int, default=None)
-    s.add_argument("--size", type=int, default=None, help="frame height and width in pixels")
-    s.add_argument("--seed", type=int, default=0); s.add_argument("--json", action="store_true")
+    s.add_argument("--classes", type=int, default=sd["classes"], help="number of motion classes (default: %(default)s)")
+    s.add_argument("--clips-per-class", type=int, default=sd["clips_per_class"], help="(default: %(default)s)")
+    s.add_argument("--frames", type=int, default=sd["frames"], help="frames per video (default: %(default)s)")
+    s.add_argument("--size", type=int, default=sd["size"], help="frame height and width in pixels (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=sd["seed"]); s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_data_synth)
     i = d.add_parser("index", help="list the clips of a split of a UCF101-layout dataset")
     i.add_argument("--root", required=True, type=Path); i.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])

@@ -45,7 +45,7 @@ MOTIONS = [
     ("MoveUpRight", "move", -math.pi / 4), ("MoveDownLeft", "move", 3 * math.pi / 4),
     ("RotateCW", "rotate", 1.0), ("RotateCCW", "rotate", -1.0),
 ]
-SYNTH_VERSION = 1  # bump when the generator's output changes, so old cached datasets are not reused
+SYNTH_VERSION = 2  # bump when the generator's output changes, so old cached datasets are not reused
 
 # %% ../nbs/01_data.ipynb #de0da068
 def _raster(poly, cx, cy, r, ang, size, ss=2):

@@ -16,7 +16,7 @@ from .compare import client as _client, default_tracking_uri, search_all as _sea
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'RESERVED', 'NOT_IDENTITY', 'RESULT_METRICS', 'EXECUTORS', 'load_sweep', 'trial_name', 'trials',
            'sweep_key', 'child_runs', 'start_parent', 'default_notebook', 'run_trial', 'cpu_count', 'gpu_ids',
-           'worker_env', 'plan', 'run_sweep']
+           'worker_env', 'warm_caches', 'plan', 'run_sweep']
 
 # %% ../nbs/08_sweep.ipynb #bca9bc76
 SWEEP_KEYS = ("name", "description", "dataset", "experiment", "seeds", "params", "models", "notebook", "parallel")
@@ -217,10 +217,25 @@ def worker_env(slot: int, parallel: int, cores: int | None = None, gpus: list[st
 def _init_worker(slots, parallel: int, cores: int, gpus: list[str]) -> None:
     os.environ.update(worker_env(slots.get(), parallel, cores, gpus))
 
+def warm_caches(specs: list[dict]) -> None:
+    "Build each dataset's clip and feature caches once, here, before parallel trials would race to build them."
+    from echoes.train import TrainConfig
+    from echoes.tracking import load_splits
+    data_keys = ("dataset", "data_root", "fold", "frames", "frame_size", "encoder")
+    seen = set()
+    for s in specs:
+        cfg = TrainConfig.from_dict({k: v for k, v in s["params"].items() if k in (*data_keys, "model", "seed")})
+        if (key := tuple(getattr(cfg, k) for k in data_keys)) in seen: continue
+        seen.add(key)
+        try: load_splits(cfg)
+        except Exception as e:  # the trials will fail with the full story; nothing to add here
+            get_logger("echoes.sweep").warning(f"could not prepare the data of {s['name']}: {e}")
+
 def _run_local(specs: list[dict], parallel: int = 1) -> Iterator[dict]:
     if parallel <= 1 or len(specs) <= 1:
         for s in specs: yield run_trial(s)
         return
+    warm_caches(specs)
     # spawn, not fork: the parent holds MLflow's sqlite connections and maybe torch threads
     ctx = mp.get_context("spawn")
     slots = ctx.Queue()

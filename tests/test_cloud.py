@@ -311,11 +311,11 @@ def test_hq_server_and_no_credential_leaks(tmp_path, monkeypatch, capfd):
 # ------------------------------------------------------------------------- Ray cluster config for Azure
 def test_azure_ray_config_validates():
     import ray.autoscaler
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
     cfg = yaml.safe_load((ROOT / "cloud" / "azure-ray.yaml").read_text())
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(cfg, schema)
-    validate_config(cfg)                                   # Ray's own checks on top of the schema
+    validate_config(prepare_config(cfg))                   # Ray's own checks, with the Azure defaults filled in
     assert cfg["provider"]["type"] == "azure"
     head, types = cfg["head_node_type"], cfg["available_node_types"]
     gpu = [t for n, t in types.items() if n != head and t.get("resources", {}).get("GPU")]
@@ -331,8 +331,7 @@ def test_azure_ray_config_validates():
 
 
 def test_azure_notebook_is_not_executed():
-    from execnb.nbio import read_nb
-    from nbdev.frontmatter import nb_frontmatter
+    from fastcore.nbio import nb_frontmatter, read_nb
     nb = read_nb(ROOT / "nbs" / "azure.ipynb")
     assert str(nb_frontmatter(nb).get("skip_exec")).lower() == "true"
     text = json.dumps(nb)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import papermill
 import pytest
 
@@ -19,6 +20,12 @@ NB = "nbs/train.ipynb"
 def papermill_cli(*args, cwd=ROOT, timeout=600):
     return subprocess.run([str(BIN / "papermill"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def search(uri: str, experiment: str = "synthetic"):
+    "The runs of `experiment` in the store at `uri`, through the public fluent API users call."
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
 def test_parameters_cell_matches_train_config():
@@ -40,7 +47,7 @@ def test_papermill_esn_run_is_logged(tmp_path):
     r = papermill_cli(NB, str(out), "-p", "model", "esn", "-p", "tracking_uri", uri, "-p", "run_name", "pm-esn")
     assert r.returncode == 0, r.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
-    runs = mlflow.search_runs(experiment_names=["synthetic"], tracking_uri=uri, output_format="list")
+    runs = search(uri)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -52,7 +59,13 @@ def test_papermill_esn_run_is_logged(tmp_path):
     assert m["trainable_params"] < m["total_params"]  # the reservoir is frozen
     assert run.data.params["model"] == "esn"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "confusion.png", "model"} <= artifacts, artifacts
+    assert {"config.json", "describe.json", "per_class.json", "confusion.png", "logs"} <= artifacts, artifacts
+    # MLflow 3 keeps models as LoggedModels linked to their source run
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id='{run.info.run_id}'")
+    assert [lm.name for lm in models] == ["model"]
+    net = mlflow.pytorch.load_model(models[0].model_uri)
+    assert type(net).__name__ == "SimpleESN"
     nbs = [a.path for a in client.list_artifacts(run.info.run_id, "notebook")]
     assert nbs == ["notebook/esn.ipynb"], nbs
     executed = json.loads(Path(client.download_artifacts(run.info.run_id, nbs[0], str(tmp_path / "dl"))).read_text())
@@ -66,7 +79,7 @@ def test_papermill_to_stdout(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     nb = json.loads(r.stdout)
     assert nb["cells"]
-    runs = mlflow.search_runs(experiment_names=["synthetic"], tracking_uri=uri, output_format="list")
+    runs = search(uri)
     assert [x.info.status for x in runs] == ["FINISHED"]
 
 

@@ -83,7 +83,8 @@ def test_gradient_run_logged_to_mlflow_and_tensorboard():
     # the model, pickled, with explicit requirements, loads back and predicts
     import mlflow.pytorch
     mlflow.set_tracking_uri(res["tracking_uri"])
-    m = mlflow.pytorch.load_model(f"runs:/{res['run_id']}/model")
+    try: m = mlflow.pytorch.load_model(f"runs:/{res['run_id']}/model")
+    finally: mlflow.set_tracking_uri(None)  # also unsets $MLFLOW_TRACKING_URI, which echoes would follow
     X, _ = toy(4, seed=9)
     assert m(torch.from_numpy(X), torch.full((4,), 10)).shape == (4, 3)
 
@@ -120,7 +121,7 @@ def test_resume_rules():
     assert len(client().get_metric_history(a["run_id"], "train_loss")) == 2
     with pytest.raises(ValueError, match=r"lr=0.01 \(now 0.5\)"):
         run_experiment(cfg(epochs=2, run_name="same-name", lr=0.5), splits=Splits())
-    with start_run(cfg(run_id=a["run_id"])) as run:  # by id, the same run
+    with start_run(cfg(epochs=2, run_id=a["run_id"])) as run:  # by id, the same run
         assert run.id == a["run_id"] and run.finished
     with pytest.raises(ValueError, match="no MLflow run"):
         start_run(cfg(run_id="0" * 32))
@@ -215,7 +216,8 @@ def test_run_through_tracking_server(mlflow_server):
     assert artifacts(c, res["run_id"]) >= {"config.json", "confusion.png", "logs"}
     import mlflow.pytorch
     mlflow.set_tracking_uri(uri)
-    assert mlflow.pytorch.load_model(f"runs:/{res['run_id']}/model") is not None
+    try: assert mlflow.pytorch.load_model(f"runs:/{res['run_id']}/model") is not None
+    finally: mlflow.set_tracking_uri(None)
     # the local sqlite store saw none of it
     local = client()
     assert not local.search_runs([e.experiment_id for e in local.search_experiments()],

@@ -17,7 +17,8 @@ def render(nb_path: Path) -> str:
         if not src or src.startswith("#| hide"):
             continue
         parts.append(src if cell["cell_type"] == "markdown" else f"```python\n{src}\n```")
-    return "<!-- generated from nbs/index.ipynb by tools/nb2readme.py: edit the notebook -->\n\n" + "\n\n".join(parts) + "\n"
+    header = "<!-- generated from nbs/index.ipynb by tools/nb2readme.py: edit the notebook -->\n\n"
+    return header + "\n\n".join(parts) + "\n"
 
 
 def main() -> int:
