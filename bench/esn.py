@@ -36,11 +36,11 @@ ARGS = _args()
 for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[k] = str(ARGS.threads)  # before numpy/torch load their BLAS
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from echoes.esn import SimpleESN
+from echoes.esn import SimpleESN  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -53,6 +53,12 @@ def median_time(fn, repeats):
 
 
 def rss_mb():
+    "This process's peak RSS in MiB: VmHWM (ru_maxrss would carry the parent's peak across fork+exec on Linux)."
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"): return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -175,8 +181,8 @@ def main():
         return mem_child(ARGS.mem_child)
     n, T, D, N = (200, 50, 64, 300) if ARGS.quick else (2000, 100, 64, 1000)
     t0 = time.perf_counter()
-    states = bench_states(n, T, D, N, ARGS.repeats)
     memory = bench_memory((100, 1000) if ARGS.quick else (1000, 10000))
+    states = bench_states(n, T, D, N, ARGS.repeats)
     summary = {"states": states, "memory": memory, "wall_s": time.perf_counter() - t0, "torch": torch.__version__}
     if not ARGS.json:
         s, m = states, memory

@@ -119,9 +119,11 @@ install_redaction()
 # %% ../nbs/09_cloud.ipynb #7342ad3e
 def blob_service(env: Mapping | None = None, **client_kw):
     "An azure-storage-blob `BlobServiceClient` with credentials from the environment (see `credential_source`)."
-    from azure.storage.blob import BlobServiceClient
+    from azure.storage.blob import BlobServiceClient, LinearRetry
     env = os.environ if env is None else env
-    kw = {"retry_total": 1, "retry_backoff_factor": 0.2, "connection_timeout": 10, "read_timeout": 120,
+    # the storage SDK's own ExponentialRetry waits 15 s (+3^n) between tries; echoes' `retry` does the waiting
+    kw = {"retry_policy": LinearRetry(backoff=0.3, random_jitter_range=0.1, retry_total=1),
+          "connection_timeout": 10, "read_timeout": 120,
               "max_single_put_size": 4 << 20, "max_block_size": 4 << 20, "max_single_get_size": 8 << 20,
               "max_chunk_get_size": 4 << 20} | client_kw
     src = credential_source(env)
@@ -297,25 +299,26 @@ class HQStore:
         ids, reused = [block_id(i, sha) for i in range(n)], 0
         st0 = os.stat(path)
         fd = os.open(path, os.O_RDONLY)
+        pool = cf.ThreadPoolExecutor(self.max_concurrency)
         try:
             def stage(i: int, chunk: bytes) -> None:
                 self._retry(lambda: bc.stage_block(ids[i], chunk, length=len(chunk), validate_content=self.validate_content),
                             f"uploading block {i + 1}/{n} of {Path(path).name}")
-            with cf.ThreadPoolExecutor(self.max_concurrency) as pool:
-                futs, inflight = [], []
-                for i in range(n):
-                    if ids[i] in staged: reused += 1; continue
-                    chunk = os.pread(fd, self.chunk_size, i * self.chunk_size)
-                    f = pool.submit(stage, i, chunk); futs.append(f); inflight.append(f)
-                    if len(inflight) >= 2 * self.max_concurrency:  # bound the memory held in chunks
-                        done, pending = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                        for d in done: d.result()
-                        inflight = list(pending)
-                for f in cf.as_completed(futs): f.result()
+            futs, inflight = [], []
+            for i in range(n):
+                if ids[i] in staged: reused += 1; continue
+                chunk = os.pread(fd, self.chunk_size, i * self.chunk_size)
+                f = pool.submit(stage, i, chunk); futs.append(f); inflight.append(f)
+                if len(inflight) >= 2 * self.max_concurrency:  # bound the memory held in chunks
+                    done, pending = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                    for d in done: d.result()
+                    inflight = list(pending)
+            for f in cf.as_completed(futs): f.result()
         except BaseException:
-            for f in futs if "futs" in locals() else []: f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # the first failure stops the upload: no queued retries
             raise
-        finally: os.close(fd)
+        finally:
+            pool.shutdown(wait=True); os.close(fd)
         st1 = os.stat(path)
         if (st1.st_size, st1.st_mtime_ns) != (st0.st_size, st0.st_mtime_ns) or st1.st_size != size:
             raise HQError(f"{path} changed while being pushed")
@@ -733,7 +736,11 @@ def remote_trial(spec: dict, caches: list[str] | None = None, container: str | N
     t0, log = time.time(), get_logger("cloud")
     pulled = []
     if caches and credential_source() != "none":
-        pulled = [{"name": r["name"], "skipped": r["skipped"]} for r in pull_caches(caches, container=container)]
+        store = HQStore(container)
+        for k in caches:
+            try: pulled.append({"name": k, "skipped": store.pull(k, "cache")["skipped"]})
+            except HQError as e:  # a cache HQ does not have is not fatal: the trial builds what it needs
+                log.warning(f"cache {k} not pulled: {e}"); pulled.append({"name": k, "error": str(e)})
     elif caches:
         log.warning("no Blob credentials on this node: caches are not pulled, the trial builds what it needs")
     s = localize_spec(spec)
@@ -793,6 +800,7 @@ def run_ray(specs: list[dict], parallel: int | None = None, *, address: str | No
     log.info(f"Ray sweep: {len(specs)} trials on {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
              f"{ray.cluster_resources().get('GPU', 0):g} GPUs), max_retries={max_retries}")
     task = ray.remote(remote_trial)
+    per_task = {} if started else {"runtime_env": wd}  # a driver that was already connected: ship the code per task
     try:
         todo, inflight = list(specs), {}
         limit = parallel or len(specs)
@@ -801,7 +809,7 @@ def run_ray(specs: list[dict], parallel: int | None = None, *, address: str | No
                 s = todo.pop(0)
                 opts = trial_resources(s, num_gpus, num_cpus)
                 ref = task.options(max_retries=max_retries, retry_exceptions=False, name=f"trial:{s['name']}",
-                                   **opts).remote(s, caches, container)
+                                   **per_task, **opts).remote(s, caches, container)
                 inflight[ref] = s
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:

@@ -6,7 +6,7 @@ the plots that show the trade-offs, and the dashboard page that gathers them."""
 
 # %% ../nbs/07_compare.ipynb #df7bba02
 from __future__ import annotations
-import contextlib, functools, html, http.server, json, math, os, re, shutil, socketserver, tempfile
+import contextlib, functools, html, http.server, json, math, os, re, shutil, socketserver, tempfile, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -148,12 +148,14 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 def welch(a, b) -> float:
-    "Two-sided p-value of Welch's t-test; NaN when either side has < 2 values or neither varies."
+    "Two-sided p-value of Welch's t-test; 1 for identical constant samples; NaN when undefined (< 2 values, no variance)."
     from scipy import stats
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2: return math.nan
-    if a.std() == 0 and b.std() == 0: return 0.0 if a.mean() != b.mean() else 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if np.ptp(a) < 1e-12 and np.ptp(b) < 1e-12: return 1.0 if abs(a[0] - b[0]) < 1e-12 else math.nan
+    with warnings.catch_warnings():  # one constant side is fine for Welch; scipy's precision note is noise here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 # %% ../nbs/07_compare.ipynb #027f53ff
 TEST_DESCRIPTION = ("Welch's two-sided t-test (unequal variances) of test accuracy over seeds, each architecture "
@@ -191,7 +193,8 @@ def summary(df: pd.DataFrame, metrics=SUMMARY_METRICS, select: str = "val_acc", 
     s["p_holm"] = holm(s["p_value"])
     s["significant"] = s["p_holm"] < alpha
     s["vs_best"] = ["best" if c == best else f"{'worse' if sig else 'n.s.'} (p={p:.3g})" if not math.isnan(p)
-                    else "n/a (< 2 seeds)" for c, sig, p in zip(s["config"], s["significant"], s["p_holm"])]
+                    else "n/a (< 2 seeds)" if n < 2 else "n/a (no variance over seeds)"
+                    for c, sig, p, n in zip(s["config"], s["significant"], s["p_holm"], s["n"])]
     s.attrs["test"] = TEST_DESCRIPTION.format(alpha=alpha, conf=confidence)
     s.attrs["select"] = select
     return s
@@ -289,20 +292,40 @@ def pareto_front(x, y) -> list[int]:
     return front
 
 # %% ../nbs/07_compare.ipynb #0b90e583
-def plot_tradeoff(df: pd.DataFrame, x: str = "trainable_params", ax=None, select: str = "val_acc"):
-    "Test accuracy against `x` (log axis) per architecture, CI error bars over seeds, Pareto front dashed."
+def _zoom(acc, ci, gap: float = 0.25):
+    "y-limits around the leading group of accuracies when the rest lie far below it (else None)."
+    acc, ci = np.asarray(acc, float), np.nan_to_num(np.asarray(ci, float))
+    main = acc >= acc.max() - gap
+    if main.all(): return None
+    lo, hi = (acc - ci)[main].min(), (acc + ci)[main].max()
+    pad = max(0.01, 0.15 * (hi - lo))
+    return lo - pad, min(1.0 + pad / 2, hi + pad)
+
+def plot_tradeoff(df: pd.DataFrame, x: str = "trainable_params", ax=None, select: str = "val_acc", zoom: bool = True):
+    """Test accuracy against `x` (log axis) per architecture, CI error bars over seeds, Pareto front dashed.
+    With `zoom`, the y axis spans the leading group, and architectures far below it (the control) sit on the
+    bottom edge as ▼ with their accuracy written out."""
     import matplotlib.pyplot as plt
     s = summary(df, metrics=("test_acc", x), select=select)
     if ax is None: _, ax = plt.subplots(figsize=(5.5, 4))
+    lim = _zoom(s["test_acc_mean"], s["test_acc_ci"]) if zoom else None
     for r in s.itertuples():
         xm, xe = getattr(r, f"{x}_mean"), getattr(r, f"{x}_ci")
-        ax.errorbar(xm, r.test_acc_mean, yerr=None if math.isnan(r.test_acc_ci) else r.test_acc_ci,
-                    xerr=None if math.isnan(xe) or xe == 0 else xe, fmt="o", ms=7, capsize=3,
-                    color=_color(r.model), label=r.model)
+        xerr = None if math.isnan(xe) or xe == 0 else xe
+        if lim and r.test_acc_mean < lim[0]:
+            y = lim[0] + 0.02 * (lim[1] - lim[0])
+            ax.errorbar(xm, y, xerr=xerr, fmt="v", ms=8, capsize=3, color=_color(r.model), label=r.model)
+            ax.annotate(f"{r.model} ({r.test_acc_mean:.2f} ± {r.test_acc_ci:.2f})", (xm, y), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8)
+            continue
+        ax.errorbar(xm, r.test_acc_mean, yerr=None if math.isnan(r.test_acc_ci) else r.test_acc_ci, xerr=xerr,
+                    fmt="o", ms=7, capsize=3, color=_color(r.model), label=r.model)
         ax.annotate(r.model, (xm, r.test_acc_mean), textcoords="offset points", xytext=(6, 5), fontsize=8)
     xs, ys = s[f"{x}_mean"].tolist(), s["test_acc_mean"].tolist()
     if f := pareto_front(xs, ys):
+        if lim: f = [i for i in f if ys[i] >= lim[0]]
         ax.plot([xs[i] for i in f], [ys[i] for i in f], "--", color="k", lw=1, alpha=0.6, label="Pareto front")
+    if lim: ax.set_ylim(*lim)
     ax.set_xscale("log"); ax.set_xlabel(_LABELS.get(x, x) + " (log)"); ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
     return ax
@@ -331,7 +354,8 @@ def plot_learning_curves(hist: pd.DataFrame, metrics=EPOCH_METRICS):
         sns.lineplot(hist[hist["metric"] == m], x="step", y="value", hue="config", palette=palette,
                      errorbar=("ci", 95), ax=ax, legend=ax is axs[0][-1])
         ax.set_title(m); ax.set_xlabel("epoch"); ax.set_ylabel(""); ax.grid(alpha=0.3)
-    if (leg := axs[0][-1].get_legend()) is not None: sns.move_legend(axs[0][-1], "center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    if axs[0][-1].get_legend() is not None:
+        sns.move_legend(axs[0][-1], "center left", bbox_to_anchor=(1, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 

@@ -6,9 +6,9 @@ pool (or another executor), resumable, and robust to a failing trial."""
 
 # %% ../nbs/08_sweep.ipynb #a07eb631
 from __future__ import annotations
-import concurrent.futures as cf, contextlib, copy, itertools, json, multiprocessing as mp, os, tempfile, time, warnings
+import concurrent.futures as cf, contextlib, copy, itertools, multiprocessing as mp, os, tempfile, time, warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 import yaml
 from .core import get_logger, project_root, runs_dir, stable_hash
 from .compare import client as _client, default_tracking_uri, search_all as _search_all
@@ -16,7 +16,7 @@ from .compare import client as _client, default_tracking_uri, search_all as _sea
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'RESERVED', 'NOT_IDENTITY', 'RESULT_METRICS', 'EXECUTORS', 'load_sweep', 'trial_name', 'trials',
            'sweep_key', 'child_runs', 'start_parent', 'default_notebook', 'run_trial', 'cpu_count', 'gpu_ids',
-           'worker_env', 'warm_caches', 'plan', 'run_sweep']
+           'worker_env', 'warm_caches', 'plan', 'run_sweep', 'sweep_report']
 
 # %% ../nbs/08_sweep.ipynb #bca9bc76
 SWEEP_KEYS = ("name", "description", "dataset", "experiment", "seeds", "params", "models", "notebook", "parallel")
@@ -313,6 +313,17 @@ def _summary(sw, info, specs, results, executor, parallel, wall) -> dict:
     return {**info, "executor": executor, "parallel": parallel, "wall_s": round(wall, 1), "total": len(specs),
             "finished": count("FINISHED"), "skipped": count("SKIPPED"), "failed": count("FAILED"),
             "not_run": len(specs) - len(rs), "trials": rs}
+
+def sweep_report(summary: dict) -> str:
+    "A few readable lines about a sweep's summary (what `echoes sweep` prints without `--json`)."
+    lines = [f"sweep {summary['sweep']} ({summary['key']}): {summary['total']} trials, {summary['finished']} run, "
+             f"{summary['skipped']} already finished, {summary['failed']} failed, in {summary['wall_s']:.0f} s"]
+    for t in summary["trials"]:
+        acc = f"test_acc {t['test_acc']:.3f}" if "test_acc" in t else ""
+        lines.append(f"  {t['status']:<8} {t['name']:<40} {acc}" + (f"  {t['error']}" if t.get("error") else ""))
+    lines.append(f"parent run {summary['parent_run_id']} in experiment {summary['experiment']!r} at {summary['tracking_uri']}")
+    lines.append(f"dashboard: echoes dashboard --tracking-uri {summary['tracking_uri']} --parent {summary['parent_run_id']}")
+    return "\n".join(lines)
 
 def _finish_parent(info: dict, summary: dict, status: str) -> None:
     client = _client(info["tracking_uri"])

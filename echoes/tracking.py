@@ -197,10 +197,16 @@ class Run:
     def __enter__(self) -> Self:
         if self.finished:
             self.log.info(f"run {self.name!r} ({self.id}) already FINISHED; nothing to do"); return self
-        from mlflow.entities import Param
         self._handler = logging.FileHandler(self.log_path, mode="a", encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._handler.setLevel(logging.INFO); get_logger().addHandler(self._handler)
+        try: self._start()
+        except BaseException:  # a half-opened run still ends FAILED/KILLED, with its log
+            self.__exit__(*sys.exc_info()); raise
+        return self
+
+    def _start(self) -> None:
+        from mlflow.entities import Param
         if self.resumed: self.client.update_run(self.id, status="RUNNING")
         new = {k: v for k, v in self.params().items() if k not in self.mlrun.data.params}
         tags = {**run_tags(self.cfg), **self.extra_tags}
@@ -215,7 +221,6 @@ class Run:
             self._old_sigterm = signal.signal(signal.SIGTERM, _term)
         self.log.info(f"{'resuming' if self.resumed else 'started'} MLflow run {self.name!r} ({self.id}) in "
                       f"experiment {self.experiment!r} at {self.tracking_uri}")
-        return self
 
     def __exit__(self, etype, exc, tb) -> bool:
         if self.finished and self._handler is None: return False
@@ -275,6 +280,10 @@ class Run:
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.id, str(path), artifact_path)
+
+    def log_notebook(self, path: Path | str, name: str | None = None) -> str:
+        "An executed notebook as `notebook/<name>.ipynb`."
+        return log_notebook(path, self.id, self.tracking_uri, name)
 
     def log_model(self, model: nn.Module) -> str | None:
         "Log `model` with `mlflow.pytorch.log_model` (pickle format, explicit requirements); its URI."

@@ -136,9 +136,9 @@ def test_manifest_cannot_escape(hq, tmp_path):
 
 def test_sas_and_identity_credentials(azurite, monkeypatch, tmp_path):
     from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+    perms = AccountSasPermissions(read=True, write=True, list=True, create=True, add=True, delete=True)
     sas = generate_account_sas(azurite.account, azurite.key, ResourceTypes(service=True, container=True, object=True),
-                               AccountSasPermissions(read=True, write=True, list=True, create=True, add=True, delete=True),
-                               expiry=datetime.now(UTC) + timedelta(hours=1))
+                               perms, expiry=datetime.now(UTC) + timedelta(hours=1))
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_URL", azurite.blob_endpoint)
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", sas)
@@ -148,7 +148,7 @@ def test_sas_and_identity_credentials(azurite, monkeypatch, tmp_path):
     d = make_cache(tmp_path / "runs", "viasas", big_mib=1)
     assert push(d)["files"] == 3
     assert not pull("viasas", dest=tmp_path / "c")["skipped"]
-    assert "sig=" in sas and redact(f"url?{sas}").count("***") >= 1 and sas.split("sig=")[1].split("&")[0] not in redact(sas)
+    assert "sig=" in sas and sas.split("sig=")[1].split("&")[0] not in redact(f"url?{sas}")
     # DefaultAzureCredential: the client is built from the account URL alone (it needs Azure AD to go further)
     monkeypatch.delenv("AZURE_STORAGE_SAS_TOKEN")
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_URL", "https://echoeshq.blob.core.windows.net")  # tokens need https

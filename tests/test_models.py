@@ -199,7 +199,8 @@ def test_bad_names_and_sizes():
         with pytest.raises(ValueError, match="positive integer"): create("lstm", **args)
     with pytest.raises(ValueError, match=">= 2"): create("deep_esn", D, C, num_layers=1)
     with pytest.raises(ValueError, match=">= 2"): create("deep_rnn", D, C, num_layers=1)
-    with pytest.raises(ValueError, match="3 values for 2 layers"): create("deep_esn", D, C, num_layers=2, leak=[.1, .2, .3])
+    with pytest.raises(ValueError, match="3 values for 2 layers"):
+        create("deep_esn", D, C, num_layers=2, leak=[.1, .2, .3])
     with pytest.raises(ValueError, match="single value"): create("lstm", D, C, hidden_size=[4, 4])
 
 

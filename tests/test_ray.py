@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    "Azurite, an MLflow server with wasbs:// artifacts on it, and a two-node Ray cluster whose nodes have their own runs folder."
+    "Azurite, an MLflow server with wasbs:// artifacts on it, a two-node Ray cluster whose nodes have their own runs."
     tmp = tmp_path_factory.mktemp("raystack")
     with Azurite(tmp / "azurite") as az:
         az.create_container("raytest")
@@ -72,7 +72,8 @@ def test_sweep_on_two_nodes_matches_local(stack, driver_env, tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in runs)
     # the trial used the pulled caches: same keys as the driver's
     assert {r.data.tags.get("echoes.feature_cache") for r in runs} == {info["feature_cache"]}
-    blobs = [b.name for b in az.service_client().get_container_client("raytest").list_blobs(name_starts_with="mlartifacts/")]
+    cc = az.service_client().get_container_client("raytest")
+    blobs = [b.name for b in cc.list_blobs(name_starts_with="mlartifacts/")]
     for r in runs:
         nb = [a.path for a in client.list_artifacts(r.info.run_id, "notebook")]
         assert nb and nb[0].endswith(".ipynb"), nb

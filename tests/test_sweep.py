@@ -1,0 +1,71 @@
+"""Sweeps on the real training notebook: expansion of the shipped sweep files, a parallel sweep where some trials
+fail and the others finish, and a re-run that resumes (skips the FINISHED trials, retries the failed ones)."""
+from pathlib import Path
+
+import pytest
+
+from echoes.compare import client, search_all
+from echoes.sweep import load_sweep, run_sweep, trials
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_sweep_file():
+    sw = load_sweep(ROOT / "sweeps" / "default.yaml")
+    ts = trials(sw)
+    assert {t["model"] for t in ts} == {"esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean"}
+    assert len(sw["seeds"]) >= 3
+    esn = {(t["params"]["spectral_radius"], t["params"]["leak"]) for t in ts if t["model"] == "esn"}
+    assert len(esn) >= 4, "the default sweep varies the ESN's spectral radius and leak rate"
+    assert all(t["params"]["dataset"] == "synthetic" for t in ts)
+
+
+def test_smoke_sweep_file():
+    ts = trials(ROOT / "sweeps" / "smoke.yaml")
+    assert 3 <= len(ts) <= 8 and len({t["model"] for t in ts}) >= 3
+
+
+def test_bad_sweeps_fail_early():
+    with pytest.raises(ValueError, match="valid models"):
+        trials({"models": ["transformer"]})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        trials({"models": {"esn": {"spectral_radus": [0.9]}}})
+    with pytest.raises(ValueError, match="unknown sweep key"):
+        trials({"models": ["esn"], "seed": 3})
+    with pytest.raises(FileNotFoundError):
+        load_sweep("no/such/sweep.yaml")
+
+
+@pytest.mark.slow
+def test_failing_trials_do_not_stop_others_and_rerun_resumes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # `encoder: bogus` passes the config checks but fails inside the notebook, when the data layer loads
+    sweep = {"name": "resume-test", "seeds": [0, 1], "params": {"epochs": 1, "hidden_size": 16},
+             "models": {"esn": {"hidden_size": 50}, "mean": {"encoder": "bogus"}}}
+    s1 = run_sweep(sweep, parallel=2, tracking_uri=uri, progress=False)
+    assert (s1["total"], s1["finished"], s1["failed"], s1["skipped"]) == (4, 2, 2, 0), s1
+    c = client(uri)
+    by_name = {t["name"]: t for t in s1["trials"]}
+    for name in ("esn-seed0", "esn-seed1"):
+        run = c.get_run(by_name[name]["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == s1["parent_run_id"]
+        assert run.data.tags["echoes.trial_key"] == by_name[name]["key"]
+        assert run.data.tags["echoes.sweep"] == s1["key"]
+        assert run.data.params["model"] == "esn" and "test_acc" in run.data.metrics
+        assert [a.path for a in c.list_artifacts(run.info.run_id, "notebook")] == [f"notebook/{name}.ipynb"]
+    for name in ("mean-seed0", "mean-seed1"):
+        t = by_name[name]
+        assert t["status"] == "FAILED" and "bogus" in t["error"]
+        assert c.get_run(t["run_id"]).info.status == "FAILED"
+        assert c.list_artifacts(t["run_id"], "notebook"), "the failed notebook is kept for diagnosis"
+    assert c.get_run(s1["parent_run_id"]).info.status == "FAILED"
+
+    s2 = run_sweep(sweep, parallel=2, tracking_uri=uri, progress=False)
+    assert s2["parent_run_id"] == s1["parent_run_id"]
+    assert (s2["skipped"], s2["failed"], s2["finished"]) == (2, 2, 0), s2
+    skipped = {t["name"]: t["run_id"] for t in s2["trials"] if t["status"] == "SKIPPED"}
+    assert skipped == {"esn-seed0": by_name["esn-seed0"]["run_id"], "esn-seed1": by_name["esn-seed1"]["run_id"]}
+    children = search_all(c, [s1["experiment_id"]], f"tags.`mlflow.parentRunId` = '{s1['parent_run_id']}'")
+    assert len(children) == 4, "a re-run reuses the trials' runs, it does not add new ones"
+    assert sum(r.info.status == "FINISHED" for r in children) == 2
