@@ -746,8 +746,6 @@ def remote_trial(spec: dict, caches: list[str] | None = None, container: str | N
     s = localize_spec(spec)
     # the trial's kernel is another process: it must import the shipped echoes, not whatever is installed
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), *filter(None, [os.environ.get("PYTHONPATH")])])
-    if (f := os.environ.get("ECHOES_RAY_FAULT")) and f.split(":")[0] == spec.get("name"):
-        _fault(f, spec)
     res = run_trial(s)
     node = os.environ.get("ECHOES_NODE_NAME") or socket.gethostname()
     try:
@@ -756,20 +754,6 @@ def remote_trial(spec: dict, caches: list[str] | None = None, container: str | N
     except (ImportError, RuntimeError): node_id = None
     return {**res, "node": node, "node_id": node_id, "pid": os.getpid(), "pulled": pulled,
             "task_s": round(time.time() - t0, 2)}
-
-def _fault(f: str, spec: Mapping) -> None:
-    "`<trial name>:<what>[:<marker file>]`: crash this process or this node's raylet, once (the marker says when it fired)."
-    _, what, *rest = f.split(":")
-    marker = Path(rest[0]) if rest else None
-    if marker and marker.exists(): return
-    if marker: marker.write_text(f"{os.getpid()} {socket.gethostname()}")
-    if what == "exit": os._exit(17)
-    if what == "node":  # the node dies: the raylet that started this worker goes, like a preempted VM
-        import psutil
-        me = psutil.Process()
-        for p in me.parents():
-            if "raylet" in p.name(): p.kill(); break
-        os._exit(18)
 
 # %% ../nbs/09_cloud.ipynb #2b817935
 def _trial_failure(s: Mapping, e: BaseException) -> dict:
@@ -825,9 +809,10 @@ def run_sweep_ray(sweep, address: str | None = None, tracking_uri: str | None = 
                   num_gpus: float | None = None, max_retries: int = 2, caches: list[str] | None = None,
                   container: str | None = None, **opts) -> dict:
     "Run a sweep on a Ray cluster against the HQ tracking server; same summary as `echoes.sweep.run_sweep`."
-    from echoes.sweep import run_sweep
+    from echoes.sweep import run_sweep, trials
     tracking_uri = tracking_uri or os.environ.get("ECHOES_HQ_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
-    return run_sweep(sweep, parallel=parallel or 10**6, tracking_uri=tracking_uri, executor="ray", address=address,
+    # all trials in flight by default: Ray's resources do the throttling, and the autoscaler sees the whole demand
+    return run_sweep(sweep, parallel=parallel or len(trials(sweep)), tracking_uri=tracking_uri, executor="ray", address=address,
                      num_gpus=num_gpus, max_retries=max_retries, caches=caches, container=container, **opts)
 
 def register_executor() -> bool:

@@ -10,17 +10,27 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import nn
 
+try:  # scipy's CSR x dense kernel, y += A @ X, writing into our buffer (public `A @ X` allocates a result per step)
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except ImportError:  # a future scipy may move it: same sum through the public API
+    def _csr_matvecs(n_row, n_col, n_vecs, indptr, indices, data, x, y):
+        A = scipy.sparse.csr_matrix((data, indices, indptr), shape=(n_row, n_col))
+        y += (A @ x.reshape(n_col, n_vecs)).ravel()
+
 # %% auto #0
-__all__ = ['READOUTS', 'DEFAULT_RIDGE', 'spectral_radius', 'effective_spectral_radius', 'init_reservoir', 'tanh_',
-           'reservoir_scan', 'Reservoir', 'RidgeStats', 'ESNBase', 'SimpleESN', 'scan_functional', 'compiled_features',
-           'toy_temporal_task', 'batches_of', 'per_layer', 'DeepESN', 'memory_capacity', 'echo_state_distance']
+__all__ = ['SPARSE_MAX_DENSITY', 'SPARSE_MIN_UNITS', 'READOUTS', 'DEFAULT_RIDGE', 'spectral_radius', 'effective_spectral_radius',
+           'init_reservoir', 'tanh_', 'sparse_W', 'reservoir_scan', 'Reservoir', 'RidgeStats', 'ESNBase', 'SimpleESN',
+           'scan_functional', 'compiled_features', 'toy_temporal_task', 'batches_of', 'per_layer', 'DeepESN',
+           'memory_capacity', 'echo_state_distance']
 
 # %% ../nbs/03_esn.ipynb #e8808a43
 def spectral_radius(W: np.ndarray | torch.Tensor, method: str = "auto", exact_max: int = 2048) -> float:
@@ -60,36 +70,94 @@ def tanh_(h: torch.Tensor) -> torch.Tensor:
         a = h.numpy(); np.tanh(a, out=a); return h
     return h.tanh_()
 
+SPARSE_MAX_DENSITY = 0.12  # use the CSR product at or below this fraction of nonzeros in W (see the table above)
+SPARSE_MIN_UNITS = 64      # below this, either product takes microseconds: keep the simpler dense one
+
+def sparse_W(W: torch.Tensor, sparse: bool | str = "auto"):
+    "`W` as a scipy CSR matrix when the CPU state pass should use the sparse product, else None."
+    if W.device.type != "cpu" or W.dtype not in (torch.float32, torch.float64) or W.dim() != 2: return None
+    if sparse == "auto":
+        sparse = W.shape[0] >= SPARSE_MIN_UNITS and int(torch.count_nonzero(W)) <= SPARSE_MAX_DENSITY * W.numel()
+    if not sparse: return None
+    A = scipy.sparse.csr_matrix(W.detach().numpy())
+    A.sort_indices()
+    return A
+
+def _masks(T, B, lengths, leak, dtype, device):
+    "`(valid, w, n_full)`: valid (T, B) as 0/1, the per-step leak w = valid·a, and the steps valid for all."
+    if lengths is None: return None, None, T
+    lengths = lengths.to(device)
+    valid = (torch.arange(T, device=device)[:, None] < lengths[None, :]).to(dtype)
+    return valid, valid * leak, min(T, int(lengths.min()))
+
 @torch.no_grad()
 def reservoir_scan(U: torch.Tensor, W: torch.Tensor, leak: float, lengths: torch.Tensor | None = None,
-                   h0: torch.Tensor | None = None, mean: bool = True, keep_states: bool = False):
+                   h0: torch.Tensor | None = None, mean: bool = True, keep_states: bool = False, W_csr=None):
     """Run the leaky reservoir over the time-major drive `U` (T, B, N) (`W_in u + b`, overwritten when
     `keep_states`, then holding the states). Returns `(last, mean_or_None)`: the state at each sequence's
-    last valid step and the mean state over its valid steps."""
+    last valid step and the mean state over its valid steps. With `W_csr` (scipy CSR of `W`, see `sparse_W`)
+    and `U` on the CPU, the recurrent product is sparse."""
+    T, B, N = U.shape
+    valid, w, n_full = _masks(T, B, lengths, leak, U.dtype, U.device)
+    if W_csr is not None and U.device.type == "cpu" and W_csr.dtype == U.numpy().dtype:
+        x, acc = _scan_sparse(U, W_csr, leak, valid, w, n_full, h0, mean, keep_states)
+    else:
+        x, acc = _scan_dense(U, W, leak, valid, w, n_full, h0, mean, keep_states)
+    if mean: acc /= (torch.full((B, 1), T) if lengths is None else lengths[:, None]).to(acc)
+    return x, acc
+
+def _scan_dense(U, W, leak, valid, w, n_full, h0, mean, keep_states):
+    "(B, N) layout: one addmm per step, then tanh, leak and mean in place."
     T, B, N = U.shape
     W_T = W.t()
     x = torch.zeros(B, N, dtype=U.dtype, device=U.device) if h0 is None else h0.to(U).clone()
-    if lengths is None: lengths = torch.full((B,), T, device=U.device)
-    valid = (torch.arange(T, device=U.device)[:, None] < lengths.to(U.device)[None, :]).to(U.dtype)[..., None]
-    w = valid * leak  # (T, B, 1): the leak where a step is valid, 0 where it is padding
     acc = torch.zeros_like(x) if mean else None
     h = torch.empty_like(x)
+    h_np = h.numpy() if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64) else None
     for t in range(T):
         torch.addmm(U[t], x, W_T, out=h)
-        tanh_(h)
-        x.lerp_(h, w[t])
-        if mean: acc.addcmul_(x, valid[t])
+        if h_np is None: h.tanh_()
+        else: np.tanh(h_np, out=h_np)
+        if t < n_full:  # every sequence valid: scalar leak, plain sum (the same values as the masked ops)
+            x.lerp_(h, leak)
+            if mean: acc.add_(x)
+        else:
+            x.lerp_(h, w[t, :, None])
+            if mean: acc.addcmul_(x, valid[t, :, None])
         if keep_states: U[t].copy_(x)
-    if mean: acc /= lengths.to(acc)[:, None]
     return x, acc
+
+def _scan_sparse(U, A, leak, valid, w, n_full, h0, mean, keep_states):
+    """(N, B) layout, so the product is CSR @ dense: h = U_tᵀ + W xᵀ accumulated by scipy into a preallocated
+    buffer, tanh by numpy in place, leak and mean by torch in place on the same memory."""
+    T, B, N = U.shape
+    x = torch.zeros(N, B, dtype=U.dtype) if h0 is None else h0.to(U).t().contiguous()
+    acc = torch.zeros_like(x) if mean else None
+    h = torch.empty_like(x)
+    h_np, h_flat, x_flat = h.numpy(), h.numpy().reshape(-1), x.numpy().reshape(-1)
+    ip, ix, dat = A.indptr, A.indices, A.data
+    if valid is not None: valid, w = valid[:, None, :].contiguous(), w[:, None, :].contiguous()  # (T, 1, B) rows
+    for t in range(T):
+        h.copy_(U[t].t())
+        _csr_matvecs(N, N, B, ip, ix, dat, x_flat, h_flat)
+        np.tanh(h_np, out=h_np)
+        if t < n_full:
+            x.lerp_(h, leak)
+            if mean: acc.add_(x)
+        else:
+            x.lerp_(h, w[t])
+            if mean: acc.addcmul_(x, valid[t])
+        if keep_states: U[t].copy_(x.t())
+    return x.t().contiguous(), (acc.t().contiguous() if mean else None)
 
 # %% ../nbs/03_esn.ipynb #9c027d70
 class Reservoir(nn.Module):
     "A leaky-integrator reservoir with frozen `W_in`, `W`, `b` (buffers)."
     def __init__(self, input_size: int, hidden_size: int, *, spectral_radius: float = 0.9, leak: float = 0.3,
                  input_scaling: float = 1.0, bias_scaling: float = 0.2, density: float = 0.1, seed: int = 0,
-                 weights: dict | None = None):
+                 weights: dict | None = None, sparse: bool | str = "auto"):
         super().__init__()
+        self.sparse, self._csr = sparse, None
         self.input_size, self.hidden_size, self.leak = input_size, hidden_size, float(leak)
         self.spectral_radius, self.input_scaling, self.bias_scaling, self.density, self.seed = (
             spectral_radius, input_scaling, bias_scaling, density, seed)
@@ -101,6 +169,17 @@ class Reservoir(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, spectral_radius={self.spectral_radius}, "
                 f"leak={self.leak}, density={self.density}, seed={self.seed}")
 
+    def csr(self):
+        "W as scipy CSR for the CPU state pass (`sparse_W`), cached until W changes (in place, `.to`, a load)."
+        W, c, sparse = self.W, getattr(self, "_csr", None), getattr(self, "sparse", "auto")  # getattr: older pickles
+        key = (W.data_ptr(), W._version, W.dtype, W.device, sparse)
+        if c is None or c[0]() is not W or c[1] != key:
+            self._csr = (weakref.ref(W), key, sparse_W(W, sparse))
+        return self._csr[2]
+
+    def __getstate__(self):  # the CSR copy is a cache (and weakrefs do not pickle)
+        d = dict(super().__getstate__()); d["_csr"] = None; return d
+
     @torch.no_grad()
     def drive(self, x: torch.Tensor) -> torch.Tensor:
         "The time-major input drive `W_in u + b`, (T, B, N), in one GEMM."
@@ -111,7 +190,7 @@ class Reservoir(nn.Module):
     def run(self, x: torch.Tensor, lengths: torch.Tensor | None = None, h0: torch.Tensor | None = None):
         "All states (B, T, N) of the batch `x` (B, T, D); padded steps repeat the last valid state."
         U = self.drive(x)
-        reservoir_scan(U, self.W, self.leak, lengths, h0, mean=False, keep_states=True)
+        reservoir_scan(U, self.W, self.leak, lengths, h0, mean=False, keep_states=True, W_csr=self.csr())
         return U.transpose(0, 1)
 
 # %% ../nbs/03_esn.ipynb #688ed0d7
@@ -295,7 +374,8 @@ class SimpleESN(ESNBase):
             if fast: last, mean = compiled_features(res, xi, li, step)
             else:
                 xi = xi[:, :int(li.max())]  # steps past the chunk's longest sequence are padding for all of it
-                last, mean = reservoir_scan(res.drive(xi), res.W, res.leak, li, mean=self.readout_kind != "last")
+                last, mean = reservoir_scan(res.drive(xi), res.W, res.leak, li, mean=self.readout_kind != "last",
+                                            W_csr=res.csr())
             outs.append(_pool(last, mean, self.readout_kind))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -397,7 +477,8 @@ class DeepESN(ESNBase):
             lasts, means = [], []
             for r in self.layers:
                 U = torch.addmm(r.b, h.reshape(-1, h.shape[-1]).to(r.W_in.dtype), r.W_in.t()).view(*h.shape[:2], -1)
-                last, mean = reservoir_scan(U, r.W, r.leak, li, mean=self.readout_kind != "last", keep_states=True)
+                last, mean = reservoir_scan(U, r.W, r.leak, li, mean=self.readout_kind != "last", keep_states=True,
+                                            W_csr=r.csr())
                 lasts.append(last); means.append(mean); h = U
             outs.append(_pool(torch.cat(lasts, -1), None if means[0] is None else torch.cat(means, -1), self.readout_kind))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
