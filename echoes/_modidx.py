@@ -90,6 +90,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'echoes.compare._fmt': ('compare.html#_fmt', 'echoes/compare.py'),
                                 'echoes.compare._human': ('compare.html#_human', 'echoes/compare.py'),
                                 'echoes.compare._is_run_id': ('compare.html#_is_run_id', 'echoes/compare.py'),
+                                'echoes.compare._log_x': ('compare.html#_log_x', 'echoes/compare.py'),
                                 'echoes.compare._model_key': ('compare.html#_model_key', 'echoes/compare.py'),
                                 'echoes.compare._num': ('compare.html#_num', 'echoes/compare.py'),
                                 'echoes.compare._per_class_dict': ('compare.html#_per_class_dict', 'echoes/compare.py'),

@@ -181,8 +181,11 @@ class Reservoir(nn.Module):
         d = dict(super().__getstate__()); d["_csr"] = None; return d
 
     @torch.no_grad()
-    def drive(self, x: torch.Tensor) -> torch.Tensor:
-        "The time-major input drive `W_in u + b`, (T, B, N), in one GEMM."
+    def drive(self, x: torch.Tensor, unit_major: bool = False) -> torch.Tensor:
+        """The time-major input drive `W_in u + b`, (T, B, N), in one GEMM. With `unit_major` it is a (T, B, N)
+        view of (T, N, B) memory, the sparse pass's layout, so each step's drive is one contiguous block."""
+        if unit_major:  # T GEMMs (N, D) @ (D, B) in one batched call
+            return torch.matmul(self.W_in, x.to(self.W_in.dtype).permute(1, 2, 0)).add_(self.b[:, None]).transpose(1, 2)
         x = x.to(self.W_in.dtype).transpose(0, 1)
         return torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.W_in.t()).view(*x.shape[:2], -1)
 
@@ -193,7 +196,7 @@ class Reservoir(nn.Module):
         reservoir_scan(U, self.W, self.leak, lengths, h0, mean=False, keep_states=True, W_csr=self.csr())
         return U.transpose(0, 1)
 
-# %% ../nbs/03_esn.ipynb #688ed0d7
+# %% ../nbs/03_esn.ipynb #3f3b3bf3
 class RidgeStats:
     "Streaming float64 sufficient statistics for a ridge readout, with a closed-form multi-λ solve."
     def __init__(self, num_features: int, num_classes: int, device=None):
@@ -230,7 +233,7 @@ class RidgeStats:
         gcv = rss / (1 - df / n).clamp_min(1e-12) ** 2
         return A, b, gcv
 
-# %% ../nbs/03_esn.ipynb #db475557
+# %% ../nbs/03_esn.ipynb #457086ff
 READOUTS = ("last", "mean", "both")
 DEFAULT_RIDGE = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -340,7 +343,7 @@ def _summary(model: nn.Module, layers: list[dict]) -> dict:
     return {"model": type(model).__name__, "closed_form": bool(model.closed_form), "layers": layers,
             "trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen}
 
-# %% ../nbs/03_esn.ipynb #457086ff
+# %% ../nbs/03_esn.ipynb #207b6bfd
 class SimpleESN(ESNBase):
     "Jaeger's leaky-integrator ESN with a ridge (or SGD) readout on last/mean/both states."
     def __init__(self, input_size: int, num_classes: int, hidden_size: int = 200, *, spectral_radius: float = 0.9,
@@ -374,12 +377,13 @@ class SimpleESN(ESNBase):
             if fast: last, mean = compiled_features(res, xi, li, step)
             else:
                 xi = xi[:, :int(li.max())]  # steps past the chunk's longest sequence are padding for all of it
-                last, mean = reservoir_scan(res.drive(xi), res.W, res.leak, li, mean=self.readout_kind != "last",
-                                            W_csr=res.csr())
+                A = res.csr()
+                last, mean = reservoir_scan(res.drive(xi, unit_major=A is not None and xi.device.type == "cpu"),
+                                            res.W, res.leak, li, mean=self.readout_kind != "last", W_csr=A)
             outs.append(_pool(last, mean, self.readout_kind))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-# %% ../nbs/03_esn.ipynb #998e7794
+# %% ../nbs/03_esn.ipynb #0b85c6ef
 def scan_functional(x_tm: torch.Tensor, W_in: torch.Tensor, b: torch.Tensor, W: torch.Tensor,
                     w: torch.Tensor, valid: torch.Tensor, inv_len: torch.Tensor):
     "Out-of-place drive + masked leaky scan of time-major `x_tm` (T, B, D): `(last, mean)`; for `torch.compile`."
@@ -408,7 +412,7 @@ def compiled_features(res: Reservoir, x: torch.Tensor, lengths: torch.Tensor, ba
                                    1 / lp.to(dt)[:, None])
     return last[:B].clone(), mean[:B].clone()  # CUDA-graph outputs are overwritten by the next replay
 
-# %% ../nbs/03_esn.ipynb #0652b225
+# %% ../nbs/03_esn.ipynb #e9489420
 def toy_temporal_task(n: int = 300, num_classes: int = 4, T: int = 12, D: int = 6, seed: int = 0,
                       noise: float = 0.3, min_len: int | None = None):
     "A task whose class is the order of three patterns: `(X (n, T, D) float32, y (n,), lengths (n,))`."
@@ -430,7 +434,7 @@ def batches_of(X, y, lengths, batch_size: int = 64):
         yield (torch.as_tensor(X[i:i + batch_size]), torch.as_tensor(lengths[i:i + batch_size]),
                torch.as_tensor(y[i:i + batch_size]))
 
-# %% ../nbs/03_esn.ipynb #e825ed3f
+# %% ../nbs/03_esn.ipynb #4f3d3ed8
 def per_layer(value, num_layers: int, name: str) -> list:
     "A scalar repeated `num_layers` times, or a list/tuple checked to have `num_layers` values."
     if isinstance(value, (list, tuple)):
@@ -483,7 +487,7 @@ class DeepESN(ESNBase):
             outs.append(_pool(torch.cat(lasts, -1), None if means[0] is None else torch.cat(means, -1), self.readout_kind))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-# %% ../nbs/03_esn.ipynb #34c4826a
+# %% ../nbs/03_esn.ipynb #8adf7f4f
 @torch.no_grad()
 def memory_capacity(reservoir: Reservoir, max_delay: int | None = None, T: int = 3000, washout: int = 200,
                     ridge: float = 1e-8, seed: int = 0):
@@ -505,7 +509,7 @@ def memory_capacity(reservoir: Reservoir, max_delay: int | None = None, T: int =
         mc.append(float(torch.corrcoef(torch.stack([pred, yte]))[0, 1] ** 2))
     return float(sum(mc)), np.array(mc)
 
-# %% ../nbs/03_esn.ipynb #4eab9d78
+# %% ../nbs/03_esn.ipynb #07f6db5f
 @torch.no_grad()
 def echo_state_distance(reservoir: Reservoir, x: torch.Tensor, seed: int = 0) -> np.ndarray:
     "‖x_t − x'_t‖ over t for one input `x` (T, D) run from two random initial states in [-1, 1]^N."

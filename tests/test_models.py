@@ -344,3 +344,58 @@ def test_gpu_check_runs_tiny_on_cpu():
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["device"] == "cpu" and summary["tiny"] is True
     assert summary["esn"]["eager_ms"] > 0 and summary["lstm"]["ours_padded_ms"] > 0
+
+
+def _sparse_and_dense(res, fn):
+    "fn() under the sparse and the dense recurrent product of `res`."
+    assert res.csr() is not None
+    a = fn(); res.sparse = False
+    try:
+        assert res.csr() is None; b = fn()
+    finally:
+        res.sparse = "auto"
+    return a, b
+
+
+@pytest.mark.parametrize("readout", ["last", "mean", "both"])
+def test_sparse_path_equals_dense_path(readout):
+    esn = SimpleESN(D, C, hidden_size=150, density=0.1, leak=0.4, readout=readout, seed=3)
+    g = torch.Generator().manual_seed(1)
+    x, lens = torch.randn(9, 17, D, generator=g), torch.tensor([17, 1, 5, 17, 9, 2, 16, 11, 3])
+    fs, fd = _sparse_and_dense(esn.reservoir, lambda: esn.features(x, lens))
+    torch.testing.assert_close(fs, fd, atol=1e-5, rtol=0)
+    ss, sd = _sparse_and_dense(esn.reservoir, lambda: esn.reservoir.run(x, lens))
+    torch.testing.assert_close(ss, sd, atol=1e-5, rtol=0)
+    h0 = torch.rand(9, 150, generator=g) - 0.5
+    ss0, sd0 = _sparse_and_dense(esn.reservoir, lambda: esn.reservoir.run(x, lens, h0=h0))
+    torch.testing.assert_close(ss0, sd0, atol=1e-5, rtol=0)
+    # masking stays exact on the sparse path: padded steps repeat the last valid state bit for bit,
+    # and junk in the padding changes nothing
+    for i, n in enumerate(lens.tolist()):
+        assert torch.equal(ss[i, n:], ss[i, n - 1].expand(17 - n, -1))
+    x_junk = x.clone()
+    for i, n in enumerate(lens.tolist()): x_junk[i, n:] = 1e3
+    assert torch.equal(esn.features(x_junk, lens), fs)
+    deep = DeepESN(D, C, hidden_size=[100, 80], num_layers=2, density=0.05, seed=0)
+    a, b = _sparse_and_dense(deep.layers[0], lambda: deep.features(x, lens))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_sparse_path_choice_and_cache():
+    from echoes.esn import SPARSE_MAX_DENSITY, SPARSE_MIN_UNITS, Reservoir
+    assert Reservoir(D, 200, density=0.1).csr() is not None
+    assert Reservoir(D, 200, density=0.3).csr() is None                      # dense enough for the GEMM to win
+    assert Reservoir(D, SPARSE_MIN_UNITS - 1, density=0.1).csr() is None     # too small to matter
+    assert Reservoir(D, 200, density=0.3, sparse=True).csr() is not None     # forced either way
+    assert Reservoir(D, 200, density=0.1, sparse=False).csr() is None
+    assert 0 < SPARSE_MAX_DENSITY < 0.2
+    res = Reservoir(D, 200, density=0.1)
+    A = res.csr()
+    assert res.csr() is A  # cached
+    res.W.mul_(0.5)        # an in-place change (or a load_state_dict) invalidates it
+    np.testing.assert_allclose(res.csr().toarray(), res.W.numpy())
+    res2 = pickle.loads(pickle.dumps(res))
+    assert res2._csr is None and res2.csr() is not None
+    np.testing.assert_allclose(res2.csr().toarray(), res.W.numpy())
+    resd = Reservoir(D, 200, density=0.1).double()  # float64 model: float64 CSR, float64 states
+    assert resd.csr().dtype == np.float64 and resd.run(torch.randn(2, 5, D, dtype=torch.float64)).dtype == torch.float64
