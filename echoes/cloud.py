@@ -239,13 +239,16 @@ def _rel_to_runs(path: Path) -> str | None:
 class HQStore:
     "The HQ's Blob container: content-addressed file blobs plus committed manifests."
     def __init__(self, container: str | None = None, *, service=None, chunk_size: int = 4 << 20,
-                 max_concurrency: int = 4, attempts: int = 5, backoff: float = 0.5, validate_content: bool = True,
-                 create: bool = True):
+                 max_concurrency: int = 4, attempts: int = 5, backoff: float = 0.5,
+                 validate_content: bool | None = None, create: bool = True):
         self.service = service or blob_service()
         self.container = hq_container(container)
         self.cc = self.service.get_container_client(self.container)
         self.chunk_size, self.max_concurrency = chunk_size, max_concurrency
-        self.attempts, self.backoff, self.validate_content = attempts, backoff, validate_content
+        self.attempts, self.backoff = attempts, backoff
+        # transfer MD5s where nothing else protects the bytes in transit (plain http, e.g. Azurite); over https TLS
+        # does, and the MD5 pass cost a third of the push throughput on a 2-core machine
+        self.validate_content = not self.service.url.startswith("https") if validate_content is None else validate_content
         self.log = get_logger("cloud")
         if create: self.ensure_container()
 
@@ -762,8 +765,9 @@ def _trial_failure(s: Mapping, e: BaseException) -> dict:
 
 def run_ray(specs: list[dict], parallel: int | None = None, *, address: str | None = None,
             num_gpus: float | None = None, num_cpus: float | None = None, max_retries: int = 2,
-            caches: list[str] | None = None, container: str | None = None, working_dir: str | Path | None = None,
-            env_vars: Mapping | None = None, allow_local_tracking: bool = False, shutdown: bool = True) -> Iterator[dict]:
+            retry_failed: int = 1, caches: list[str] | None = None, container: str | None = None,
+            working_dir: str | Path | None = None, env_vars: Mapping | None = None,
+            allow_local_tracking: bool = False, shutdown: bool = True) -> Iterator[dict]:
     "Executor for `echoes.sweep.run_sweep(executor='ray')`: each trial a Ray task on the cluster at `address`."
     import ray
     for s in specs:
@@ -782,15 +786,16 @@ def run_ray(specs: list[dict], parallel: int | None = None, *, address: str | No
         ray.init(address=address, runtime_env=wd, logging_level="WARNING", log_to_driver=False,
                  namespace="echoes")
     log.info(f"Ray sweep: {len(specs)} trials on {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-             f"{ray.cluster_resources().get('GPU', 0):g} GPUs), max_retries={max_retries}")
+             f"{ray.cluster_resources().get('GPU', 0):g} GPUs), max_retries={max_retries}, retry_failed={retry_failed}")
     task = ray.remote(remote_trial)
     per_task = {} if started else {"runtime_env": wd}  # a driver that was already connected: ship the code per task
     try:
-        todo, inflight = list(specs), {}
+        todo, inflight, attempts = list(specs), {}, {}
         limit = parallel or len(specs)
         while todo or inflight:
             while todo and len(inflight) < limit:
                 s = todo.pop(0)
+                attempts[s["key"]] = attempts.get(s["key"], 0) + 1
                 opts = trial_resources(s, num_gpus, num_cpus)
                 ref = task.options(max_retries=max_retries, retry_exceptions=False, name=f"trial:{s['name']}",
                                    **per_task, **opts).remote(s, caches, container)
@@ -798,22 +803,28 @@ def run_ray(specs: list[dict], parallel: int | None = None, *, address: str | No
             done, _ = ray.wait(list(inflight), num_returns=1)
             for ref in done:
                 s = inflight.pop(ref)
-                try: yield ray.get(ref)
-                except Exception as e:  # noqa: BLE001 retries exhausted (node gone each time), or the task itself broke
+                try: r = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 Ray's retries exhausted (node gone each time), or the task broke
                     log.warning(f"trial {s['name']} failed on Ray: {redact(e)}")
-                    yield _trial_failure(s, e)
+                    r = _trial_failure(s, e)
+                r["attempts"] = attempts[s["key"]]
+                if r["status"] == "FAILED" and attempts[s["key"]] <= retry_failed:
+                    log.warning(f"trial {s['name']} failed (attempt {attempts[s['key']]}): {r.get('error')}; retrying")
+                    todo.append(s); continue
+                yield r
     finally:
         if started and shutdown: ray.shutdown()
 
 def run_sweep_ray(sweep, address: str | None = None, tracking_uri: str | None = None, *, parallel: int | None = None,
-                  num_gpus: float | None = None, max_retries: int = 2, caches: list[str] | None = None,
-                  container: str | None = None, **opts) -> dict:
+                  num_gpus: float | None = None, max_retries: int = 2, retry_failed: int = 1,
+                  caches: list[str] | None = None, container: str | None = None, **opts) -> dict:
     "Run a sweep on a Ray cluster against the HQ tracking server; same summary as `echoes.sweep.run_sweep`."
     from echoes.sweep import run_sweep, trials
     tracking_uri = tracking_uri or os.environ.get("ECHOES_HQ_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
     # all trials in flight by default: Ray's resources do the throttling, and the autoscaler sees the whole demand
     return run_sweep(sweep, parallel=parallel or len(trials(sweep)), tracking_uri=tracking_uri, executor="ray", address=address,
-                     num_gpus=num_gpus, max_retries=max_retries, caches=caches, container=container, **opts)
+                     num_gpus=num_gpus, max_retries=max_retries, retry_failed=retry_failed, caches=caches,
+                     container=container, **opts)
 
 def register_executor() -> bool:
     "Make `executor='ray'` available to `echoes.sweep.run_sweep` (done on import when echoes.sweep is there)."

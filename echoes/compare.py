@@ -292,6 +292,14 @@ def pareto_front(x, y) -> list[int]:
     return front
 
 # %% ../nbs/07_compare.ipynb #0b90e583
+def _log_x(ax) -> None:
+    "A log x axis labelled at 1, 2, 5 × 10^k in plain numbers (the default labels collide within one decade)."
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
 def _zoom(acc, ci, gap: float = 0.25):
     "y-limits around the leading group of accuracies when the rest lie far below it (else None)."
     acc, ci = np.asarray(acc, float), np.nan_to_num(np.asarray(ci, float))
@@ -326,7 +334,7 @@ def plot_tradeoff(df: pd.DataFrame, x: str = "trainable_params", ax=None, select
         if lim: f = [i for i in f if ys[i] >= lim[0]]
         ax.plot([xs[i] for i in f], [ys[i] for i in f], "--", color="k", lw=1, alpha=0.6, label="Pareto front")
     if lim: ax.set_ylim(*lim)
-    ax.set_xscale("log"); ax.set_xlabel(_LABELS.get(x, x) + " (log)"); ax.set_ylabel("test accuracy")
+    _log_x(ax); ax.set_xlabel(_LABELS.get(x, x) + " (log)"); ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
     return ax
 
@@ -351,8 +359,8 @@ def plot_learning_curves(hist: pd.DataFrame, metrics=EPOCH_METRICS):
     fig, axs = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
     palette = {cfg: _color(m) for cfg, m in hist[["config", "model"]].drop_duplicates().itertuples(index=False)}
     for ax, m in zip(axs[0], metrics):
-        sns.lineplot(hist[hist["metric"] == m], x="step", y="value", hue="config", palette=palette,
-                     errorbar=("ci", 95), ax=ax, legend=ax is axs[0][-1])
+        sns.lineplot(hist[hist["metric"] == m], x="step", y="value", hue="config", palette=palette, marker="o",
+                     markersize=4, errorbar=("ci", 95), ax=ax, legend=ax is axs[0][-1])
         ax.set_title(m); ax.set_xlabel("epoch"); ax.set_ylabel(""); ax.grid(alpha=0.3)
     if axs[0][-1].get_legend() is not None:
         sns.move_legend(axs[0][-1], "center left", bbox_to_anchor=(1, 0.5), frameon=False)
@@ -470,12 +478,13 @@ def runs_table(df: pd.DataFrame, base: str | None = None) -> str:
     return t.to_html(escape=False, index=False, classes="echoes-runs", border=0)
 
 # %% ../nbs/07_compare.ipynb #a9e7c1e0
-# nbconvert's lab template, less the scripts it would fetch from a CDN (require.js, MathJax, mermaid): the page
-# must work offline and load with no console errors.
+# nbconvert's lab template, less the scripts it would fetch from a CDN (require.js, MathJax, mermaid, Jupyter
+# widgets): the page must work offline and load with no console errors.
 _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}<link rel="icon" href="data:,">{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
 """
 
 def _slug(s: str) -> str: return re.sub(r"[^\w.-]+", "_", str(s)).strip("_") or "_"
@@ -493,8 +502,11 @@ def to_html(nb_path: Path | str, out: Path | str) -> Path:
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     nb = nbformat.read(str(nb_path), as_version=4)
-    for c in nb.cells:  # warnings and log lines belong to the executed notebook, not to the page
-        if c.get("outputs"): c.outputs = [o for o in c.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    nb.metadata.pop("widgets", None)  # live widgets (progress bars) need a kernel: nothing to show on a static page
+    for c in nb.cells:  # warnings, log lines and widgets belong to the executed notebook, not to the page
+        if c.get("outputs"):
+            c.outputs = [o for o in c.outputs if not (o.output_type == "stream" and o.name == "stderr")
+                         and "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
     ex = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"echoes.html.j2": _TEMPLATE})],
                       template_file="echoes.html.j2", exclude_input=True, exclude_input_prompt=True,
                       exclude_output_prompt=True, embed_images=True)

@@ -276,10 +276,14 @@ def run_sweep(sweep: str | Path | dict, parallel: int | None = None, tracking_ur
     from tqdm.auto import tqdm
     t0, log = time.time(), get_logger("echoes.sweep")
     sw = load_sweep(sweep)
+    if executor == "ray" and executor not in EXECUTORS:
+        with contextlib.suppress(ImportError): import echoes.cloud  # noqa: F401  registers the Ray executor
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; available: {', '.join(EXECUTORS)}")
     parallel = int(parallel or sw.get("parallel") or 1)
     if parallel < 1: raise ValueError(f"parallel must be >= 1, got {parallel}")
+    if parallel > cpu_count():
+        log.warning(f"parallel={parallel} exceeds the {cpu_count()} cores here: each trial gets 1 thread, and they contend")
     info, specs = plan(sw, tracking_uri)
     done = child_runs(info["tracking_uri"], info["experiment_id"], info["parent_run_id"])
     results, todo = {}, []

@@ -120,9 +120,9 @@ class Service:
     @property
     def pid(self) -> int | None: return self.proc.pid if self.proc else None
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
         if self.proc is not None:
-            stop_process_group(self.proc)
+            stop_process_group(self.proc, timeout)
             self.proc = None
 
     def __enter__(self): return self
@@ -318,8 +318,9 @@ class RayCluster:
         w.proc = None
 
     def stop(self) -> None:
-        for w in self.workers: w.stop()
-        if self.head: self.head.stop()
+        # a test cluster holds nothing worth a graceful shutdown: a short grace, then SIGKILL
+        for w in self.workers: w.stop(timeout=3)
+        if self.head: self.head.stop(timeout=5)
         self.head = None
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -82,10 +82,32 @@ def test_sweep_on_two_nodes_matches_local(stack, driver_env, tmp_path):
     local = run_sweep(sweep("ray2", [0, 1]), tracking_uri=f"sqlite:///{tmp_path / 'local.db'}", progress=False)
     assert local["finished"] == 2
     def acc(summ): return {t["key"]: round(t["test_acc"], 6) for t in summ["trials"]}
+    print(f"ray sweep {s['wall_s']} s on 2 nodes, local sweep {local['wall_s']} s (parallel 1)")
     assert acc(local) == acc(s)
     # re-running the Ray sweep skips what is FINISHED
     again = run_sweep_ray(sweep("ray2", [0, 1]), address=stack["rc"].address, tracking_uri=ml.url, progress=False)
     assert again["skipped"] == 2 and again["finished"] == 0
+
+
+def test_failing_trial_is_retried_then_reported(stack, driver_env, tmp_path):
+    "A trial whose notebook fails is submitted once more, then reported FAILED with its error; the others finish."
+    import nbformat
+    from mlflow.tracking import MlflowClient
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("model, seed, run_id = 'mean', 0, None", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("if seed == 1: raise RuntimeError('diverged')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "standin.ipynb")
+    sw = {"name": "rayfail", "experiment": "raytest", "notebook": str(tmp_path / "standin.ipynb"), "seeds": [0, 1],
+          "models": ["mean"]}
+    s = run_sweep_ray(sw, address=stack["rc"].address, tracking_uri=stack["ml"].url, retry_failed=1, progress=False)
+    assert (s["total"], s["finished"], s["failed"]) == (2, 1, 1), s
+    bad = next(t for t in s["trials"] if t["status"] == "FAILED")
+    good = next(t for t in s["trials"] if t["status"] == "FINISHED")
+    assert bad["seed"] == 1 and bad["attempts"] == 2 and "diverged" in bad["error"]
+    assert good["attempts"] == 1
+    runs = children(MlflowClient(stack["ml"].url), s)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]     # the retry re-entered its run
 
 
 def test_worker_node_killed_mid_sweep(stack, driver_env):
