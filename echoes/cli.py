@@ -72,6 +72,38 @@ def _cmd_data_cache(a) -> int:
     return 0
 
 # %% ../nbs/10_cli.ipynb #d6f71f39
+def _cmd_sweep(a) -> int:
+    from echoes.sweep import run_sweep, sweep_report
+    if a.executor == "ray":
+        from echoes.cloud import run_sweep_ray
+        summary = run_sweep_ray(a.sweep, address=a.address, tracking_uri=a.tracking_uri, parallel=a.parallel,
+                                num_gpus=a.num_gpus)
+    else: summary = run_sweep(a.sweep, parallel=a.parallel, tracking_uri=a.tracking_uri)
+    _emit(summary, a.json, sweep_report)
+    return 1 if summary.get("failed") else 0
+
+def _cmd_dashboard(a) -> int:
+    from echoes.compare import dashboard
+    if a.serve and a.json: raise ValueError("--serve and --json do not go together")
+    page = dashboard(tracking_uri=a.tracking_uri, experiment=a.experiment, parent=a.parent, serve=a.serve, port=a.port)
+    _emit({"page": str(page)}, a.json, lambda r: f"dashboard written to {r['page']}")
+    return 0
+
+def _cmd_hq(a) -> int:
+    from echoes import cloud
+    if a.hq_command == "server":
+        srv = cloud.hq_server(a.backend_store_uri, a.artifacts_destination, host=a.host, port=a.port,
+                              container=a.container)
+        return srv.proc.returncode or 0
+    if a.hq_command == "push":
+        res = (cloud.push_run(a.run, a.tracking_uri, container=a.container) if a.run
+               else cloud.push(a.target, a.name, a.kind, container=a.container))
+    elif a.hq_command == "pull": res = cloud.pull(a.name, a.kind, a.dest, container=a.container, force=a.force)
+    else: res = cloud.ls(a.kind, container=a.container, verify=a.verify)
+    _emit(res, a.json)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     "The `echoes` argument parser."
     from echoes.train import TrainConfig
@@ -90,6 +122,53 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under runs/)")
     u.add_argument("--mlflow-port", type=int, default=5000); u.add_argument("--tb-port", type=int, default=6006)
     u.set_defaults(func=_cmd_ui)
+
+    w = sub.add_parser("sweep", help="run a sweep of models x hyperparameters x seeds (resumable)",
+                       description="Run every trial of SWEEP (YAML) through nbs/train.ipynb with papermill, each a child "
+                       "run of one MLflow parent run. Trials already FINISHED are skipped, so running it again resumes.")
+    w.add_argument("sweep", type=Path, help="sweep file, e.g. sweeps/default.yaml")
+    w.add_argument("--parallel", type=int, default=None, help="trials at a time (default: one per free core, GPUs shared out)")
+    w.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under runs/; http://... for a server)")
+    w.add_argument("--executor", choices=["local", "ray"], default="local", help="local process pool or a Ray cluster")
+    w.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. 127.0.0.1:6379")
+    w.add_argument("--num-gpus", type=float, default=None, help="GPUs per trial on Ray (default: from the trial)")
+    w.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    w.set_defaults(func=_cmd_sweep)
+
+    b = sub.add_parser("dashboard", help="render the comparison dashboard as one self-contained HTML page",
+                       description="Execute nbs/dashboard.ipynb with papermill on an experiment or a sweep's parent run, "
+                       "convert it to HTML under runs/dashboard/, and log it to the parent run.")
+    b.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under runs/)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--experiment", default=None, help="experiment name (default: synthetic)")
+    g.add_argument("--parent", default=None, help="a sweep's parent run id")
+    b.add_argument("--serve", action="store_true", help="also serve the page on 127.0.0.1 until Ctrl-C")
+    b.add_argument("--port", type=int, default=8000, help="port for --serve (default: %(default)s)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_dashboard)
+
+    h = sub.add_parser("hq", help="the headquarters store on Azure Blob, and its MLflow server",
+                       description="Credentials come only from the environment: AZURE_STORAGE_CONNECTION_STRING, or "
+                       "AZURE_STORAGE_ACCOUNT_URL with AZURE_STORAGE_SAS_TOKEN, or DefaultAzureCredential.")
+    hs = h.add_subparsers(dest="hq_command", required=True, metavar="ACTION")
+    hp = hs.add_parser("push", help="push a cache (path or key) or a run's outputs (--run) to Blob")
+    hp.add_argument("target", nargs="?", help="cache folder or cache key")
+    hp.add_argument("--run", default=None, help="push this MLflow run's artifacts and TensorBoard logs instead")
+    hp.add_argument("--tracking-uri", default=None); hp.add_argument("--name", default=None)
+    hp.add_argument("--kind", default="cache", help="object kind (default: %(default)s)")
+    hl = hs.add_parser("pull", help="pull an object (skipped when the local copy matches)")
+    hl.add_argument("name", help="cache key or object name"); hl.add_argument("--kind", default="cache")
+    hl.add_argument("--dest", type=Path, default=None, help="where to put it (default: where it came from under runs/)")
+    hl.add_argument("--force", action="store_true", help="download even when the local copy matches")
+    hls = hs.add_parser("ls", help="list committed objects"); hls.add_argument("--kind", default=None)
+    hls.add_argument("--verify", action="store_true", help="also check every object's blobs and checksums")
+    hv = hs.add_parser("server", help="start the HQ MLflow tracking server (artifacts on Blob)")
+    hv.add_argument("--backend-store-uri", default=None, help="SQLAlchemy URL (default: sqlite under runs/hq/)")
+    hv.add_argument("--artifacts-destination", default=None, help="wasbs://... (default: the HQ container)")
+    hv.add_argument("--host", default="127.0.0.1"); hv.add_argument("--port", type=int, default=5000)
+    for x in (hp, hl, hls, hv): x.add_argument("--container", default=None, help="Blob container (default: $ECHOES_HQ_CONTAINER or echoes)")
+    for x in (hp, hl, hls): x.add_argument("--json", action="store_true")
+    h.set_defaults(func=_cmd_hq)
 
     d = sub.add_parser("data", help="build datasets and caches").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     from echoes.data import synth
@@ -118,7 +197,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `echoes` command."
     a = parser().parse_args(argv)
+    if a.command == "hq" and a.hq_command == "push" and not (a.target or a.run):
+        parser().error("hq push needs a cache folder or key, or --run RUN_ID")
     try: return a.func(a)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"echoes {a.command}: error: {e}", file=sys.stderr)
         return 2

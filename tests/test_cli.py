@@ -70,3 +70,30 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "valid models: esn" in r.stderr and "Traceback" not in r.stderr
     r = echoes("data", "index", "--root", tmp_path / "nowhere", "--split", "train", check=False)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hq_push_ls_pull_through_the_cli(tmp_path):
+    "`echoes hq` against a real Azurite: push a cache, list it, pull it into a fresh place, skip a matching pull."
+    from services import Azurite
+    root = tmp_path / "syn"
+    echoes("data", "synth", "--out", root, "--classes", 2, "--clips-per-class", 4)
+    cache = json.loads(echoes("data", "cache", "--root", root, "--frames", 4, "--size", 16, "--json").stdout)
+    key = cache["feature_cache_key"]
+    with Azurite(tmp_path / "azurite") as az:
+        os.environ.update(az.env)
+        try:
+            az.create_container("echoes")
+            pushed = json.loads(echoes("hq", "push", key, "--json").stdout)
+            assert pushed["name"] == key
+            listed = json.loads(echoes("hq", "ls", "--json").stdout)
+            assert key in {o["name"] for o in listed}
+            dest = tmp_path / "pulled"
+            first = json.loads(echoes("hq", "pull", key, "--dest", dest, "--json").stdout)
+            again = json.loads(echoes("hq", "pull", key, "--dest", dest, "--json").stdout)
+            assert not first.get("skipped") and again.get("skipped")
+            names = lambda d: sorted(p.name for p in Path(d).iterdir())  # noqa: E731
+            assert names(dest) == names(cache["feature_cache"])
+            assert az.key not in json.dumps([pushed, listed, first])
+        finally:
+            for k in az.env:
+                os.environ.pop(k, None)
