@@ -83,10 +83,10 @@ def _cmd_sweep(a) -> int:
     return 1 if summary.get("failed") else 0
 
 def _cmd_dashboard(a) -> int:
-    from echoes.compare import dashboard
-    if a.serve and a.json: raise ValueError("--serve and --json do not go together")
-    page = dashboard(tracking_uri=a.tracking_uri, experiment=a.experiment, parent=a.parent, serve=a.serve, port=a.port)
+    from echoes.compare import dashboard, serve_page
+    page = dashboard(tracking_uri=a.tracking_uri, experiment=a.experiment, parent=a.parent)
     _emit({"page": str(page)}, a.json, lambda r: f"dashboard written to {r['page']}")
+    if a.serve: serve_page(page, a.port)
     return 0
 
 def _cmd_hq(a) -> int:

@@ -18,7 +18,8 @@ def render(nb_path: Path) -> str:
             continue
         parts.append(src if cell["cell_type"] == "markdown" else f"```python\n{src}\n```")
     header = "<!-- generated from nbs/index.ipynb by tools/nb2readme.py: edit the notebook -->\n\n"
-    return header + "\n\n".join(parts) + "\n"
+    # the notebook links images relative to nbs/, the README relative to the repository root
+    return header + "\n\n".join(parts).replace("](images/", "](nbs/images/") + "\n"
 
 
 def main() -> int:
