@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import get_logger, project_root, runs_dir
+from .tracking import client, resolve_tracking_uri
 
 # %% auto #0
 __all__ = ['SUMMARY_METRICS', 'NON_CONFIG', 'MODEL_ORDER', 'TEST_DESCRIPTION', 'EPOCH_METRICS', 'PALETTE', 'LOCAL_UI',
-           'default_tracking_uri', 'client', 'search_all', 'resolve', 'runs', 'varied_params', 'add_config',
-           't_interval', 'holm', 'welch', 'select_configs', 'summary', 'format_summary', 'to_markdown', 'history',
-           'per_class', 'architectures', 'pareto_front', 'plot_tradeoff', 'plot_tradeoffs', 'plot_learning_curves',
-           'plot_per_class', 'esn_grids', 'plot_esn_grid', 'plot_architecture', 'plot_architectures', 'ui_base',
-           'run_url', 'runs_table', 'dashboard_notebook', 'to_html', 'serve_page', 'dashboard']
+           'search_all', 'resolve', 'runs', 'varied_params', 'add_config', 't_interval', 'holm', 'welch',
+           'select_configs', 'summary', 'format_summary', 'to_markdown', 'history', 'per_class', 'architectures',
+           'pareto_front', 'plot_tradeoff', 'plot_tradeoffs', 'plot_learning_curves', 'plot_per_class', 'esn_grids',
+           'plot_esn_grid', 'plot_architecture', 'plot_architectures', 'ui_base', 'run_url', 'runs_table',
+           'dashboard_notebook', 'to_html', 'serve_page', 'dashboard']
 
 # %% ../nbs/07_compare.ipynb #a5979c2c
 SUMMARY_METRICS = ("test_acc", "train_time_s", "latency_ms", "peak_mem_mb", "trainable_params")
@@ -26,21 +27,6 @@ SUMMARY_METRICS = ("test_acc", "train_time_s", "latency_ms", "peak_mem_mb", "tra
 NON_CONFIG = ("seed", "run_name", "run_id", "tracking_uri", "experiment", "device", "num_workers", "progress",
               "log_model", "tensorboard", "data_root")
 MODEL_ORDER = ("esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean")
-
-def default_tracking_uri(uri: str | None = None) -> str:
-    "`uri`, else `echoes.tracking`'s resolution ($MLFLOW_TRACKING_URI, else sqlite under runs/)."
-    if uri: return uri
-    try:
-        from echoes.tracking import resolve_tracking_uri
-        return resolve_tracking_uri(None)
-    except ImportError:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir() / 'mlflow.db'}"
-
-def client(tracking_uri: str | None = None):
-    "An `MlflowClient` on the store."
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow.tracking import MlflowClient
-    return MlflowClient(default_tracking_uri(tracking_uri))
 
 def search_all(c, experiment_ids: list[str], filter_string: str = "") -> list:
     "Every run matching `filter_string` (following MLflow's pages)."
@@ -65,7 +51,7 @@ def resolve(experiment_or_parent: str, tracking_uri: str | None = None) -> dict:
         with contextlib.suppress(Exception): e = c.get_experiment(str(experiment_or_parent))
     if e is None:
         names = [x.name for x in c.search_experiments()]
-        raise ValueError(f"no experiment or parent run {experiment_or_parent!r} in {default_tracking_uri(tracking_uri)}; "
+        raise ValueError(f"no experiment or parent run {experiment_or_parent!r} in {resolve_tracking_uri(tracking_uri)}; "
                          f"experiments: {', '.join(names) or '(none)'}")
     return dict(experiment_id=e.experiment_id, experiment=e.name, parent_run_id=None)
 
@@ -98,7 +84,7 @@ def runs(experiment_or_parent: str, tracking_uri: str | None = None) -> pd.DataF
             "parent_run_id", "sweep", "trial_key", "device", "error"]
     df = pd.DataFrame(rows, columns=None if rows else cols)
     df = add_config(df.sort_values(["model", "seed"], key=_model_key).reset_index(drop=True) if rows else df)
-    df.attrs.update(tracking_uri=default_tracking_uri(tracking_uri), **where)
+    df.attrs.update(tracking_uri=resolve_tracking_uri(tracking_uri), **where)
     return df
 
 def _model_key(s: pd.Series):
@@ -454,7 +440,7 @@ LOCAL_UI = "http://127.0.0.1:5000"
 
 def ui_base(tracking_uri: str | None = None) -> str:
     "The MLflow UI serving `tracking_uri`: the server itself for http(s) URIs, else `echoes ui`'s address."
-    uri = default_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 def run_url(experiment_id: str, run_id: str, base: str | None = None) -> str:
@@ -529,7 +515,7 @@ def dashboard(tracking_uri: str | None = None, experiment: str | None = None, pa
     "Execute `nbs/dashboard.ipynb` on an experiment or a sweep's parent run; write one HTML page; return its path."
     import papermill as pm
     if experiment and parent: raise ValueError("give an experiment or a parent run, not both")
-    uri = default_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if parent is None and experiment is None: experiment = "synthetic"  # the built-in dataset's experiment
     where = resolve(parent or experiment, uri)
     if parent and where["parent_run_id"] is None: raise ValueError(f"no run with id {parent!r} in {uri}")

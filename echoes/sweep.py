@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 import yaml
 from .core import get_logger, project_root, runs_dir, stable_hash
-from .compare import client as _client, default_tracking_uri, search_all as _search_all
+from .compare import search_all as _search_all
+from .tracking import client as _client, resolve_tracking_uri
 
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'RESERVED', 'NOT_IDENTITY', 'RESULT_METRICS', 'EXECUTORS', 'load_sweep', 'trial_name', 'trials',
@@ -116,7 +117,7 @@ def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dic
 
 def start_parent(sweep: str | Path | dict, tracking_uri: str | None = None) -> dict:
     "Create, or find again by its key, the sweep's parent run; return where the sweep is recorded."
-    sw, tracking_uri = load_sweep(sweep), default_tracking_uri(tracking_uri)
+    sw, tracking_uri = load_sweep(sweep), resolve_tracking_uri(tracking_uri)
     key, client = sweep_key(sw), _client(tracking_uri)
     experiment = sw.get("experiment") or sw["dataset"]
     exp_id = _experiment_id(tracking_uri, experiment)
