@@ -121,7 +121,8 @@ def main():
     if a.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{n} videos x {a.frames_per_video} frames at 320x240 (XVID AVI), clips of T={a.frames} at {a.size}x{a.size}; "
+    print(f"{n} videos x {a.frames_per_video} frames at 320x240 (XVID AVI), "
+          f"clips of T={a.frames} at {a.size}x{a.size}; "
           f"medians of {a.repeats}")
     print(f"{'measure':<44}{'rate':>14}   {'baseline':<40}{'ratio':>8}")
     rows = [

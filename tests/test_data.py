@@ -137,7 +137,8 @@ def test_bad_input_is_skipped_and_good_clips_kept(bad, runs):
     assert "unknown class 'Juggling'" in reasons["Juggling/v_Juggling_g10_c01.avi"]
     assert "disagrees" in reasons["MoveLeft/v_MoveLeft_g10_c01.avi"]
     assert "escapes" in reasons["../outside.avi"] and "escapes" in reasons["MoveRight/../../outside.avi"]
-    assert where["../outside.avi"].startswith("trainlist01.txt:") and where["MoveRight/../../outside.avi"] == "testlist01.txt:7"
+    assert where["../outside.avi"].startswith("trainlist01.txt:")
+    assert where["MoveRight/../../outside.avi"] == "testlist01.txt:7"
     # every good clip is there: 24 originals - 3 broken + the 2-frame one
     assert len(s.train) + len(s.test) == n_listed_good - 3 + 1
     short = {d["path"]: d["frames"] for d in s.info["short"]}
@@ -235,7 +236,8 @@ def test_augmented_copies(ucf, runs):
     a = load("ucf101", ucf, frames=4, frame_size=16, val_fraction=None, augment=2, jitter=True, crop=0.7, flip=True)
     assert len(a.train) == 3 * len(s.train) and len(a.test) == len(s.test)
     assert len(a.info["augment_caches"]) == 2
-    assert not np.array_equal(np.asarray(a.train.X[: len(s.train)]), np.asarray(a.train.X[len(s.train):2 * len(s.train)]))
+    n = len(s.train)
+    assert not np.array_equal(np.asarray(a.train.X[:n]), np.asarray(a.train.X[n:2 * n]))
 
 
 def test_decode_resizes_320x240(tmp_path):
