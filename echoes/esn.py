@@ -27,10 +27,10 @@ except ImportError:  # a future scipy may move it: same sum through the public A
         y += (A @ x.reshape(n_col, n_vecs)).ravel()
 
 # %% auto #0
-__all__ = ['SPARSE_MAX_DENSITY', 'SPARSE_MIN_UNITS', 'READOUTS', 'DEFAULT_RIDGE', 'spectral_radius', 'effective_spectral_radius',
-           'init_reservoir', 'tanh_', 'sparse_W', 'reservoir_scan', 'Reservoir', 'RidgeStats', 'ESNBase', 'SimpleESN',
-           'scan_functional', 'compiled_features', 'toy_temporal_task', 'batches_of', 'per_layer', 'DeepESN',
-           'memory_capacity', 'echo_state_distance']
+__all__ = ['SPARSE_MAX_DENSITY', 'SPARSE_MIN_UNITS', 'READOUTS', 'DEFAULT_RIDGE', 'GPU_CHUNK_MB', 'spectral_radius',
+           'effective_spectral_radius', 'init_reservoir', 'tanh_', 'sparse_W', 'reservoir_scan', 'Reservoir',
+           'RidgeStats', 'ESNBase', 'SimpleESN', 'scan_functional', 'compiled_features', 'toy_temporal_task',
+           'batches_of', 'per_layer', 'DeepESN', 'memory_capacity', 'echo_state_distance']
 
 # %% ../nbs/03_esn.ipynb #e8808a43
 def spectral_radius(W: np.ndarray | torch.Tensor, method: str = "auto", exact_max: int = 2048) -> float:
@@ -370,8 +370,9 @@ class SimpleESN(ESNBase):
         lengths = lengths.to(x.device)
         res, outs, step = self.reservoir, [], self._chunks(B, T, self.reservoir.hidden_size)
         fast = self.compile and x.is_cuda
-        if fast:  # one chunk size whatever B, so the compiled scan sees few shapes
-            step = self._chunks(1 << 30, -(-T // 16) * 16, self.reservoir.hidden_size)
+        if fast:  # chunks padded to a power of two, so the compiled scan sees few shapes; a GPU holds big chunks
+            limit = max(1, int(GPU_CHUNK_MB * 2**20 / (-(-T // 16) * 16 * self.reservoir.hidden_size * 4)))
+            step = min(limit, 1 << (B - 1).bit_length())
         for i in range(0, B, step):
             xi, li = x[i:i + step], lengths[i:i + step]
             if fast: last, mean = compiled_features(res, xi, li, step)
@@ -397,6 +398,8 @@ def scan_functional(x_tm: torch.Tensor, W_in: torch.Tensor, b: torch.Tensor, W: 
     return x, acc * inv_len
 
 _COMPILED: dict = {}
+
+GPU_CHUNK_MB = 1024  # the compiled CUDA path's bound on one chunk's drive: one chunk for B=256, T=64, N=2000
 
 def compiled_features(res: Reservoir, x: torch.Tensor, lengths: torch.Tensor, batch: int, t_multiple: int = 16):
     "`(last, mean)` of chunk `x` (B, T, D) through the compiled scan, padded to `batch` × a multiple of `t_multiple`."
