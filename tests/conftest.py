@@ -1,11 +1,7 @@
 """Shared fixtures: every test session writes its outputs into one temporary runs folder."""
 import os
-import socket
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,15 +16,3 @@ def echoes_runs(tmp_path_factory):
         os.environ.pop("ECHOES_RUNS", None)
     else:
         os.environ["ECHOES_RUNS"] = old
-
-
-@pytest.fixture(scope="session")
-def repo_root():
-    return ROOT
-
-
-def free_port() -> int:
-    "A TCP port on 127.0.0.1 that is free right now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -66,7 +66,7 @@ def test_dashboard_file_and_artifact(page):
 
 @pytest.mark.slow
 def test_dashboard_in_chromium(page, tmp_path):
-    from conftest import free_port
+    from services import free_port
     from playwright.sync_api import sync_playwright
     uri, s, out = page
     models = sorted({t["model"] for t in trials(ROOT / "sweeps" / "smoke.yaml")})
