@@ -385,17 +385,18 @@ class SimpleESN(ESNBase):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 # %% ../nbs/03_esn.ipynb #0b85c6ef
-def scan_functional(x_tm: torch.Tensor, W_in: torch.Tensor, b: torch.Tensor, W: torch.Tensor,
-                    w: torch.Tensor, valid: torch.Tensor, inv_len: torch.Tensor):
-    "Out-of-place drive + masked leaky scan of time-major `x_tm` (T, B, D): `(last, mean)`; for `torch.compile`."
-    T, B, D = x_tm.shape
-    U = torch.addmm(b, x_tm.reshape(T * B, D), W_in.t()).view(T, B, -1)
-    W_T = W.t()
-    x = U.new_zeros(U.shape[1:]); acc = torch.zeros_like(x)
+def scan_functional(x: torch.Tensor, lengths: torch.Tensor, W_in: torch.Tensor, b: torch.Tensor, W: torch.Tensor,
+                    leak: float):
+    "Out-of-place drive + masked leaky scan of batch-major `x` (B, T, D) with valid `lengths`: `(last, mean)`."
+    B, T, D = x.shape
+    U = torch.addmm(b, x.transpose(0, 1).reshape(T * B, D), W_in.t()).view(T, B, -1)
+    valid = (torch.arange(T, device=x.device)[:, None] < lengths[None, :]).to(x.dtype)[..., None]
+    w, W_T = valid * leak, W.t()
+    h = U.new_zeros(U.shape[1:]); acc = torch.zeros_like(h)
     for t in range(T):
-        x = torch.lerp(x, torch.tanh(torch.addmm(U[t], x, W_T)), w[t])
-        acc = acc + x * valid[t]
-    return x, acc * inv_len
+        h = torch.lerp(h, torch.tanh(U[t] + h @ W_T), w[t])
+        acc = acc + h * valid[t]
+    return h, acc / lengths[:, None].to(x.dtype)
 
 _COMPILED: dict = {}
 
@@ -407,12 +408,12 @@ def compiled_features(res: Reservoir, x: torch.Tensor, lengths: torch.Tensor, ba
         _COMPILED["scan"] = torch.compile(scan_functional, mode="reduce-overhead", fullgraph=True, dynamic=False)
     B, T, D = x.shape
     Tp = -(-T // t_multiple) * t_multiple
-    xp = x.new_zeros(Tp, batch, D); xp[:T, :B] = x.transpose(0, 1)
-    lp = torch.ones(batch, dtype=torch.long, device=x.device); lp[:B] = lengths
-    dt = res.W.dtype
-    valid = (torch.arange(Tp, device=x.device)[:, None] < lp[None, :]).to(dt)[..., None]
-    last, mean = _COMPILED["scan"](xp.to(dt), res.W_in, res.b, res.W, valid * res.leak, valid,
-                                   1 / lp.to(dt)[:, None])
+    x = x.to(res.W.dtype)
+    if (B, T) != (batch, Tp):  # padded rows get length 1 and are dropped below
+        xp = x.new_zeros(batch, Tp, D); xp[:B, :T] = x
+        lp = torch.ones(batch, dtype=lengths.dtype, device=x.device); lp[:B] = lengths
+        x, lengths = xp, lp
+    last, mean = _COMPILED["scan"](x, lengths, res.W_in, res.b, res.W, res.leak)
     return last[:B].clone(), mean[:B].clone()  # CUDA-graph outputs are overwritten by the next replay
 
 # %% ../nbs/03_esn.ipynb #e9489420
