@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'file_sha256', 'atomic_path', 'get_logger', 'SeqData', 'as_seqdata', 'flatten']
+           'file_sha256', 'atomic_path', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'describe_summary']
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:
@@ -167,3 +167,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
         if isinstance(v, dict): out.update(flatten(v, key + "."))
         else: out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(list(v) if isinstance(v, tuple) else v)
     return out
+
+# %% ../nbs/00_core.ipynb #5912f679
+def describe_summary(model: torch.nn.Module, layers: list[dict]) -> dict:
+    "A model's `describe()` dict: its `layers`, and trainable, frozen (buffers included) and total parameters."
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(b.numel() for b in model.buffers())
+    return {"model": type(model).__name__, "closed_form": bool(model.closed_form), "layers": layers,
+            "trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen}

@@ -19,6 +19,8 @@ import scipy.sparse
 import torch
 from torch import nn
 
+from .core import describe_summary
+
 try:  # scipy's CSR x dense kernel, y += A @ X, writing into our buffer (public `A @ X` allocates a result per step)
     from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
 except ImportError:  # a future scipy may move it: same sum through the public API
@@ -335,13 +337,7 @@ class ESNBase(nn.Module):
         layers.append({"name": "readout", "type": f"Linear[{self.readout_training}]", "in": self.readout.in_features,
                        "out": self.readout.out_features, "trainable": sum(p.numel() for p in self.readout.parameters()),
                        "frozen": 0})
-        return _summary(self, layers)
-
-def _summary(model: nn.Module, layers: list[dict]) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(b.numel() for b in model.buffers())
-    return {"model": type(model).__name__, "closed_form": bool(model.closed_form), "layers": layers,
-            "trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen}
+        return describe_summary(self, layers)
 
 # %% ../nbs/03_esn.ipynb #207b6bfd
 class SimpleESN(ESNBase):

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .core import describe_summary
+
 # %% auto #0
 __all__ = ['CELLS', 'last_valid', 'masked_mean', 'RecurrentClassifier', 'SimpleRNN', 'DeepRNN', 'LSTMClassifier', 'GRUClassifier',
            'MeanControl']
@@ -87,13 +89,7 @@ class RecurrentClassifier(nn.Module):
                        "out": self.head.in_features, "trainable": 0, "frozen": 0, "dropout_after": self.dropout_p})
         layers.append({"name": "head", "type": "Linear", "in": self.head.in_features, "out": self.head.out_features,
                        "trainable": sum(p.numel() for p in self.head.parameters()), "frozen": 0})
-        return _summary(self, layers)
-
-def _summary(model: nn.Module, layers: list[dict]) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(b.numel() for b in model.buffers())
-    return {"model": type(model).__name__, "closed_form": bool(model.closed_form), "layers": layers,
-            "trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen}
+        return describe_summary(self, layers)
 
 # %% ../nbs/04_rnn.ipynb #f7c3afd9
 class SimpleRNN(RecurrentClassifier):
@@ -133,7 +129,7 @@ class MeanControl(nn.Module):
         return self.head(self.drop(masked_mean(x, _lengths(x, lengths))))
 
     def describe(self) -> dict:
-        return _summary(self, [
+        return describe_summary(self, [
             {"name": "features", "type": "pool[mean frames]", "in": self.input_size, "out": self.input_size,
              "trainable": 0, "frozen": 0},
             {"name": "head", "type": "Linear", "in": self.input_size, "out": self.head.out_features,
