@@ -43,9 +43,19 @@ BIN = Path(sys.executable).parent
 
 def free_port() -> int:
     "A TCP port on 127.0.0.1 that is free right now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    "`n` distinct free ports (all held bound while choosing: the OS may hand a closed one out again)."
+    socks = []
+    try:
+        while len(socks) < n:
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+            if s.getsockname()[1] in exclude: socks.pop().close()
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks: s.close()
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -259,14 +269,17 @@ class RayCluster:
     def address(self) -> str: return f"127.0.0.1:{self.port}"
 
     def _node_cmd(self, head: bool, cpus: int, resources: dict) -> list[str]:
+        # every port a node uses, chosen together: Ray refuses to start when two components share one
+        agent, metrics, runtime_env, client, node_manager, object_manager = free_ports(6, exclude=(self.port,))
         cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                "--num-gpus", "0", "--object-store-memory", str(self.object_store), "--disable-usage-stats",
-               "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-               "--runtime-env-agent-port", str(free_port()), "--log-style", "record"]
+               "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
+               "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(node_manager),
+               "--object-manager-port", str(object_manager), "--log-style", "record"]
         if resources: cmd += ["--resources", json.dumps(resources)]
         if head:
             cmd += ["--head", "--port", str(self.port), "--include-dashboard=false",
-                    "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.temp_dir)]
+                    "--ray-client-server-port", str(client), "--temp-dir", str(self.temp_dir)]
         else:
             cmd += ["--address", self.address]
         return cmd
