@@ -13,7 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'file_sha256', 'atomic_path', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'describe_summary']
+           'file_sha256', 'atomic_path', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths',
+           'describe_summary']
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:
@@ -169,6 +170,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 # %% ../nbs/00_core.ipynb #5912f679
+def full_lengths(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    "The valid lengths of padded `x` (B, T, ...) on its device; every sequence full length when `lengths` is None."
+    if lengths is None: return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+    return lengths.to(x.device)
+
 def describe_summary(model: torch.nn.Module, layers: list[dict]) -> dict:
     "A model's `describe()` dict: its `layers`, and trainable, frozen (buffers included) and total parameters."
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

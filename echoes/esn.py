@@ -19,7 +19,7 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from .core import describe_summary
+from .core import describe_summary, full_lengths
 
 try:  # scipy's CSR x dense kernel, y += A @ X, writing into our buffer (public `A @ X` allocates a result per step)
     from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
@@ -362,8 +362,7 @@ class SimpleESN(ESNBase):
     def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         "Pooled reservoir features (B, F) of padded `x` (B, T, D)."
         B, T, _ = x.shape
-        if lengths is None: lengths = torch.full((B,), T, dtype=torch.long)
-        lengths = lengths.to(x.device)
+        lengths = full_lengths(x, lengths)
         res, outs, step = self.reservoir, [], self._chunks(B, T, self.reservoir.hidden_size)
         fast = self.compile and x.is_cuda
         if fast:  # chunks padded to a power of two, so the compiled scan sees few shapes; a GPU holds big chunks
@@ -472,8 +471,7 @@ class DeepESN(ESNBase):
     def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         "Pooled features of every layer, concatenated: [last_1..last_L, mean_1..mean_L] for `both`."
         B, T, _ = x.shape
-        if lengths is None: lengths = torch.full((B,), T, dtype=torch.long)
-        lengths = lengths.to(x.device)
+        lengths = full_lengths(x, lengths)
         outs, step = [], self._chunks(B, T, max(r.hidden_size for r in self.layers) * 2)
         for i in range(0, B, step):
             li = lengths[i:i + step]

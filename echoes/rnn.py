@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .core import describe_summary
+from .core import describe_summary, full_lengths
 
 # %% auto #0
 __all__ = ['CELLS', 'last_valid', 'masked_mean', 'RecurrentClassifier', 'SimpleRNN', 'DeepRNN', 'LSTMClassifier', 'GRUClassifier',
@@ -29,9 +29,6 @@ def masked_mean(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     lengths = lengths.to(out.device)
     m = (torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]).to(out.dtype)
     return (out * m[..., None]).sum(1) / lengths.to(out.dtype)[:, None]
-
-def _lengths(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device) if lengths is None else lengths
 
 # %% ../nbs/04_rnn.ipynb #2b39e8a9
 class RecurrentClassifier(nn.Module):
@@ -57,7 +54,7 @@ class RecurrentClassifier(nn.Module):
 
     def states(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         "The pooled top-layer state (B, H or 2H) of each sequence."
-        lengths = _lengths(x, lengths)
+        lengths = full_lengths(x, lengths)
         if x.is_cuda: self.rnn.flatten_parameters()  # cuDNN wants one weight block; a no-op when it already is
         if self.packed:
             p = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -126,7 +123,7 @@ class MeanControl(nn.Module):
             self.drop, self.head = nn.Dropout(dropout), nn.Linear(input_size, num_classes)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.drop(masked_mean(x, _lengths(x, lengths))))
+        return self.head(self.drop(masked_mean(x, full_lengths(x, lengths))))
 
     def describe(self) -> dict:
         return describe_summary(self, [
