@@ -16,3 +16,11 @@ def echoes_runs(tmp_path_factory):
         os.environ.pop("ECHOES_RUNS", None)
     else:
         os.environ["ECHOES_RUNS"] = old
+
+
+@pytest.fixture(autouse=True)
+def fresh_tracking_uri():
+    "Tests that point MLflow's fluent API at their own store must not leave the next test talking to it."
+    import mlflow
+    yield
+    mlflow.set_tracking_uri(None)  # also clears $MLFLOW_TRACKING_URI
