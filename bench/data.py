@@ -11,6 +11,7 @@ Usage: python bench/data.py [--videos 24] [--frames-per-video 75] [--repeats 5] 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,20 +55,8 @@ def med(fn, repeats):
     return statistics.median(ts)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--videos", type=int, default=24)
-    ap.add_argument("--frames-per-video", type=int, default=75)
-    ap.add_argument("--frames", type=int, default=16, help="T sampled per clip")
-    ap.add_argument("--size", type=int, default=112, help="S of the clip cache")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workers", type=int, default=None,
-                    help="clip-cache build processes (default: auto, in-process for small jobs; a spawned pool "
-                         "costs several seconds to start, since each worker imports torch)")
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="echoes-bench-"))
+def measure(a, tmp: Path) -> dict:
+    "Build the videos and caches under `tmp` and time every path."
     os.environ["ECHOES_RUNS"] = str(tmp / "runs")
     from echoes.data import clip_cache, decode_clip, index
     from echoes.features import feature_cache
@@ -109,7 +98,7 @@ def main():
     t_esn = med(esn, a.repeats)
 
     src_frames = n * a.frames_per_video
-    out = {
+    return {
         "videos": n, "video_frames": a.frames_per_video, "resolution": "320x240", "T": a.frames, "S": a.size,
         "raw_pyav_videos_per_s": n / t_raw, "raw_pyav_frames_per_s": src_frames / t_raw,
         "loader_videos_per_s": n / t_loader, "loader_vs_raw": t_raw / t_loader,
@@ -118,26 +107,45 @@ def main():
         "feature_read_clips_per_s": reps * n / t_feat, "esn_state_clips_per_s": reps * n / t_esn,
         "feature_read_vs_esn": t_esn / t_feat, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
     }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--frames-per-video", type=int, default=75)
+    ap.add_argument("--frames", type=int, default=16, help="T sampled per clip")
+    ap.add_argument("--size", type=int, default=112, help="S of the clip cache")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="clip-cache build processes (default: auto, in-process for small jobs; a spawned pool "
+                         "costs several seconds to start, since each worker imports torch)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="echoes-bench-"))
+    try: out = measure(a, tmp)
+    finally: shutil.rmtree(tmp, ignore_errors=True)  # videos and caches: tens of MB a run
     if a.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{n} videos x {a.frames_per_video} frames at 320x240 (XVID AVI), "
-          f"clips of T={a.frames} at {a.size}x{a.size}; "
-          f"medians of {a.repeats}")
+    o = out
+    print(f"{o['videos']} videos x {a.frames_per_video} frames at 320x240 (XVID AVI), "
+          f"clips of T={a.frames} at {a.size}x{a.size}; medians of {a.repeats}")
     print(f"{'measure':<44}{'rate':>14}   {'baseline':<40}{'ratio':>8}")
+    raw = f"raw PyAV decode+RGB {o['raw_pyav_videos_per_s']:.1f} vid/s"
     rows = [
-        ("loader decode_clip (1 process)", f"{n / t_loader:.1f} vid/s", f"raw PyAV decode+RGB {n / t_raw:.1f} vid/s",
-         t_raw / t_loader, "target >= 0.8"),
-        (f"clip cache build (workers={a.workers}, once)", f"{n / t_build:.1f} vid/s",
-         f"raw PyAV decode+RGB {n / t_raw:.1f} vid/s", t_raw / t_build, ""),
-        ("cached clip read (memmap)", f"{n / t_read:.0f} clip/s", f"loader decode {n / t_loader:.1f} clip/s",
-         t_loader / t_read, "target >= 20x"),
-        ("feature cache read (float16 -> f32)", f"{reps * n / t_feat:.0f} clip/s",
-         f"ESN states (500 units, CPU) {reps * n / t_esn:.0f} clip/s", t_esn / t_feat, "cache/ESN, want > 1"),
+        ("loader decode_clip (1 process)", f"{o['loader_videos_per_s']:.1f} vid/s", raw, o["loader_vs_raw"],
+         "target >= 0.8"),
+        (f"clip cache build (workers={a.workers}, once)", f"{o['clip_cache_build_videos_per_s']:.1f} vid/s", raw,
+         o["clip_cache_build_vs_raw"], ""),
+        ("cached clip read (memmap)", f"{o['cache_read_clips_per_s']:.0f} clip/s",
+         f"loader decode {o['loader_videos_per_s']:.1f} clip/s", o["cache_read_vs_decode"], "target >= 20x"),
+        ("feature cache read (float16 -> f32)", f"{o['feature_read_clips_per_s']:.0f} clip/s",
+         f"ESN states (500 units, CPU) {o['esn_state_clips_per_s']:.0f} clip/s", o["feature_read_vs_esn"],
+         "cache/ESN, want > 1"),
     ]
     for name, rate, base, ratio, note in rows:
         print(f"{name:<44}{rate:>14}   {base:<40}{ratio:>7.1f}x  {note}")
-
 
 if __name__ == "__main__":
     main()

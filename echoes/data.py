@@ -295,7 +295,9 @@ def decode_clip(path: Path | str, frames: int, size: int, *, jitter: bool = Fals
     try:
         with av.open(str(path)) as c:
             if not c.streams.video: raise DecodeError("no video stream")
-            st = c.streams.video[0]; st.thread_type = "AUTO"
+            # no frame/slice threads: videos are spread over processes, and a decoder thread pool per
+            # container halved single-core throughput (bench/data.py)
+            st = c.streams.video[0]
             raw = list(c.decode(st))
     except DecodeError: raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
