@@ -5,7 +5,7 @@ and `SeqData`, the one container every layer passes sequences in."""
 
 # %% ../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, random, resource, sys, tempfile, time
+import contextlib, fcntl, hashlib, json, logging, os, random, resource, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'file_sha256', 'atomic_path', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths',
+           'file_sha256', 'atomic_path', 'file_lock', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths',
            'describe_summary']
 
 # %% ../nbs/00_core.ipynb #d9411469
@@ -90,6 +90,20 @@ def atomic_path(path: Path | str):
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
+
+@contextlib.contextmanager
+def file_lock(path: Path | str, wait: bool = True):
+    """An exclusive advisory lock on `path`, across the processes of one machine, held while the block runs.
+    With `wait=False` a lock held elsewhere raises `BlockingIOError` at once; the file names the holder's pid."""
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            f.seek(0); holder = f.read().strip() or "unknown"
+            raise BlockingIOError(e.errno, f"{path} is locked by pid {holder}") from None
+        f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #37f77d9b
 def get_logger(name: str = "echoes") -> logging.Logger:

@@ -6,13 +6,13 @@ clip cache. `load` turns any of them into train/val/test `SeqData` of cached fra
 
 # %% ../nbs/01_data.ipynb #b93d276e
 from __future__ import annotations
-import colorsys, contextlib, fcntl, importlib, json, math, os, pickle, re, shutil, tarfile, time
+import colorsys, contextlib, importlib, json, math, os, pickle, re, shutil, tarfile, time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import SeqData, as_seqdata, atomic_path, get_logger, runs_dir, stable_hash
+from .core import SeqData, as_seqdata, atomic_path, file_lock, get_logger, runs_dir, stable_hash
 
 log = get_logger("echoes.data")
 
@@ -156,7 +156,7 @@ def synthetic_root(classes: int = 8, clips_per_class: int = 100, frames: int = 1
                 "version": SYNTH_VERSION}
     final = runs_dir("data") / f"synthetic-{stable_hash(spec, 12)}"
     if (final / "synthetic.json").exists(): return final
-    with _locked(final.with_name(final.name + ".lock")):
+    with file_lock(final.with_name(final.name + ".lock")):
         if (final / "synthetic.json").exists(): return final
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,15 +167,6 @@ def synthetic_root(classes: int = 8, clips_per_class: int = 100, frames: int = 1
         log.info(f"generated synthetic dataset ({classes} x {clips_per_class} clips) in "
                  f"{time.perf_counter() - t0:.1f}s at {final}")
     return final
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    "An exclusive advisory lock held across processes while the block runs."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/01_data.ipynb #80e93275
 _GROUP = re.compile(r"_g(\d+)_c(\d+)", re.IGNORECASE)
@@ -370,7 +361,7 @@ def clip_cache(entries: list[dict], videos_dir: Path | str, frames: int = 16, si
     key = stable_hash({"files": files, "frames": frames, "size": size, "sampling": sampling, "v": CLIP_CACHE_VERSION})
     base = runs_dir("cache", "clips"); final = base / key
     if (final / "meta.json").exists(): return ClipCache.open(final)
-    with _locked(base / f"{key}.lock"):
+    with file_lock(base / f"{key}.lock"):
         if (final / "meta.json").exists(): return ClipCache.open(final)
         part = base / f"{key}.partial"; N = len(entries)
         params = {"key": key, "n": N, "frames": frames, "size": size}
@@ -594,7 +585,7 @@ def _frames_cache(entries, root, frames, size, template) -> ClipCache:
     key = stable_hash({"files": files, "frames": frames, "size": size, "template": template, "kind": "frames"})
     base = runs_dir("cache", "clips"); final = base / key
     if (final / "meta.json").exists(): return ClipCache.open(final)
-    with _locked(base / f"{key}.lock"):
+    with file_lock(base / f"{key}.lock"):
         if (final / "meta.json").exists(): return ClipCache.open(final)
         tmp = base / f"{key}.partial"; shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
         N = len(entries)

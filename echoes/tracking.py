@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 import echoes
-from .core import SeqData, as_seqdata, flatten, get_device, get_logger, project_root, runs_dir, set_seed
+from .core import (SeqData, as_seqdata, file_lock, flatten, get_device, get_logger, project_root, runs_dir,
+                         set_seed, stable_hash)
 from .train import TrainConfig, evaluate, final_metrics, fit, plot_confusion, plot_learning_curves
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow is imported lazily, after this
@@ -139,7 +140,17 @@ class Run:
         self.client, self.log = client(self.tracking_uri), get_logger("echoes.tracking")
         self.tb = self._handler = self._old_sigterm = None
         self.resumed = self.finished = False
-        self._open()
+        self._lock = contextlib.ExitStack()
+        try: self._open()
+        except BaseException: self._lock.close(); raise
+
+    def _claim(self, *ident):
+        "Hold this machine's lock on a run (by name, then by id): a second opener fails instead of writing into it."
+        path = runs_dir("locks") / f"run-{stable_hash([self.tracking_uri, *ident])}.lock"
+        try: self._lock.enter_context(file_lock(path, wait=False))
+        except BlockingIOError as e:
+            raise RuntimeError(f"run {ident[-1]!r} is already open ({e}): wait for it to end, or choose another "
+                               "run_name") from None
 
     def _find(self):
         "The existing MLflow run this config names, or None."
@@ -159,6 +170,7 @@ class Run:
         cfg = self.cfg
         self.experiment = cfg.experiment or cfg.dataset
         self.experiment_id = experiment_id(self.experiment, self.tracking_uri)
+        if cfg.run_name and not cfg.run_id: self._claim(self.experiment, cfg.run_name)  # before find-or-create
         r = self._find()
         if r is None:
             name = cfg.run_name or f"{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -170,6 +182,7 @@ class Run:
             self.experiment = self.client.get_experiment(self.experiment_id).name
             self.finished = r.info.status == "FINISHED"
         self.mlrun, self.id, self.name = r, r.info.run_id, r.info.run_name
+        self._claim("id", self.id)
         self._check_params()
         key = (_safe(self.experiment), self.id)
         self.checkpoint_dir = runs_dir("checkpoints", *key, create=False)
@@ -223,7 +236,7 @@ class Run:
                       f"experiment {self.experiment!r} at {self.tracking_uri}")
 
     def __exit__(self, etype, exc, tb) -> bool:
-        if self.finished and self._handler is None: return False
+        if self.finished and self._handler is None: self._lock.close(); return False
         status = "FINISHED" if etype is None else "KILLED" if issubclass(etype, KeyboardInterrupt) else "FAILED"
         try:
             if status == "FAILED":
@@ -240,6 +253,7 @@ class Run:
             if self._old_sigterm is not None: signal.signal(signal.SIGTERM, self._old_sigterm)
             self.client.set_terminated(self.id, status)
             if status == "FINISHED": shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            self._lock.close()
         return False
 
     # ---- logging ----
@@ -378,7 +392,7 @@ def start_run(cfg: TrainConfig | dict | None = None, tags: dict | None = None, *
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     return Run(cfg, tags, parent_run_id)
 
-# %% ../nbs/06_tracking.ipynb #05ded2e5
+# %% ../nbs/06_tracking.ipynb #ed3476d2
 def _as_splits(s):
     if isinstance(s, (tuple, list)):
         tr, va, te = s; s = SimpleNamespace(train=tr, val=va, test=te)
@@ -434,7 +448,7 @@ def run_experiment(cfg: TrainConfig | dict | None = None, *, splits=None, model=
                "tracking_uri": run.tracking_uri, "model": cfg.model, "dataset": cfg.dataset, "status": "FINISHED"}
     return out
 
-# %% ../nbs/06_tracking.ipynb #64012901
+# %% ../nbs/06_tracking.ipynb #bafc8746
 def log_notebook(path: Path | str, run_id: str, tracking_uri: str | None = None, name: str | None = None) -> str:
     "Log the notebook at `path` to run `run_id` as `notebook/<name>.ipynb`; the artifact's path."
     path = Path(path)
@@ -486,7 +500,7 @@ def log_executed_notebook(run_id: str, tracking_uri: str | None = None) -> str |
         log.info("papermill writes this notebook to stdout: no executed notebook file to log"); return None
     return log_notebook(out, run_id, tracking_uri)
 
-# %% ../nbs/06_tracking.ipynb #1e85b933
+# %% ../nbs/06_tracking.ipynb #c297141c
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     "`preferred` when it can be bound on `host`, else a free port."
     for port in ([preferred] if preferred else []) + [0]:

@@ -195,6 +195,39 @@ def test_interrupted_run_is_killed(tmp_path, sig):
     assert "logs" in artifacts(c, r.info.run_id)
 
 
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from echoes.tracking import start_run
+    from echoes.train import TrainConfig
+    with start_run(TrainConfig(model="gru", epochs=3, batch_size=32, lr=1e-2, hidden_size=16, device="cpu",
+                               patience=0, run_name=sys.argv[1])) as run:
+        print(run.id, flush=True)
+        time.sleep(120)
+""")
+
+
+@pytest.mark.slow
+def test_second_opener_of_a_named_run_fails_until_the_holder_dies():
+    "A run open in another process is not opened twice; once that process is SIGKILLed, the run resumes."
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, "held"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ})
+    try:
+        held_id = p.stdout.readline().strip()
+        assert held_id, p.stderr.read()[-2000:]
+        with pytest.raises(RuntimeError, match=f"'held' is already open .*locked by pid {p.pid}"):
+            run_experiment(cfg(run_name="held"), splits=Splits())
+        with pytest.raises(RuntimeError, match="already open"):
+            run_experiment(cfg(run_id=held_id), splits=Splits())
+    finally:
+        p.kill(); p.wait()
+    res = run_experiment(cfg(run_name="held"), splits=Splits())
+    assert res["run_id"] == held_id and res["status"] == "FINISHED"
+    c = client()
+    exp = c.get_experiment_by_name("synthetic")
+    assert len(c.search_runs([exp.experiment_id], "tags.`mlflow.runName` = 'held'")) == 1
+    assert [m.step for m in c.get_metric_history(held_id, "val_acc")] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow-server")
