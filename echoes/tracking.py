@@ -412,7 +412,7 @@ def load_splits(cfg: TrainConfig):
     from echoes.data import load
     return load(cfg.dataset, cfg.data_root, fold=cfg.fold, frames=cfg.frames, frame_size=cfg.frame_size,
                 encoder=cfg.encoder, val_fraction=cfg.val_fraction, seed=cfg.seed, device=cfg.device,
-                num_workers=cfg.num_workers)
+                num_workers=cfg.num_workers, **({"classes": cfg.classes} if cfg.dataset == "synthetic" else {}))
 
 def build_model(cfg: TrainConfig, input_size: int, num_classes: int) -> nn.Module:
     "`cfg.model` from the registry, with the hyperparameters that `cfg` sets."

@@ -72,23 +72,24 @@ class TrainConfig:
     model: str = "esn"                 # esn, deep_esn, rnn, deep_rnn, lstm, gru, mean
     dataset: str = "synthetic"         # synthetic, ucf101, frames, cifar10
     data_root: str | None = None       # folder of the dataset (None: the built-in one's cache)
+    classes: int = 8                   # built-in dataset: motion classes, up to 16 (grow/shrink, diagonals, rotation)
     fold: int = 1                      # UCF101 split 1..3
     epochs: int = 30                   # gradient models; closed-form readouts fit in one pass
     seed: int = 0                      # python, numpy, torch and the reservoir
-    batch_size: int = 64
+    batch_size: int = 64               # clips per batch (training, ridge statistics and evaluation)
     lr: float = 3e-3                   # AdamW peak learning rate
     weight_decay: float = 1e-2         # AdamW, on weight matrices only
     patience: int = 8                  # early stopping on val accuracy (0: off)
     clip: float = 1.0                  # gradient-norm clipping (0: off)
     warmup: float = 0.05               # fraction of steps of linear warm-up before the cosine decay
-    hidden_size: int | None = None     # model hyperparameters: None means the model's default
-    num_layers: int | None = None
-    dropout: float | None = None
-    spectral_radius: float | None = None
-    leak: float | None = None
-    input_scaling: float | None = None
-    bias_scaling: float | None = None
-    density: float | None = None
+    hidden_size: int | None = None     # units per layer (reservoir units for ESNs); None: each model's default
+    num_layers: int | None = None      # stacked layers (deep_esn, deep_rnn)
+    dropout: float | None = None       # between stacked layers and before the head (gradient models)
+    spectral_radius: float | None = None  # ESN: spectral radius of the reservoir matrix
+    leak: float | None = None          # ESN: leak rate a in (0, 1]
+    input_scaling: float | None = None  # ESN: scale of the input weights
+    bias_scaling: float | None = None  # ESN: scale of the reservoir bias
+    density: float | None = None       # ESN: fraction of nonzero reservoir weights, in (0, 1]
     readout: str | None = None         # last, mean or both
     ridge: float | list | str | None = None  # one value or a grid ("1e-4,1e-2")
     readout_training: str | None = None  # ESN ablation: ridge (closed form) or sgd (gradient readout)
@@ -116,7 +117,7 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(ms)}")
         if self.dataset not in (ds := valid_datasets()):
             raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(ds)}")
-        for k in ("epochs", "batch_size", "frames", "frame_size", "fold"):
+        for k in ("epochs", "batch_size", "frames", "frame_size", "fold", "classes"):
             if int(getattr(self, k)) < 1: raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr}")
         for k in ("weight_decay", "patience", "clip"):
