@@ -7,6 +7,7 @@ Every command that produces a result prints it as JSON with `--json`, so it can 
 from __future__ import annotations
 import argparse, ast, dataclasses, inspect, json, sys, typing
 from pathlib import Path
+from fastcore.docments import docments
 
 # %% auto #0
 __all__ = ['parse_value', 'parser', 'main']
@@ -17,12 +18,19 @@ def parse_value(s: str):
     try: return ast.literal_eval(s)
     except (ValueError, SyntaxError): return s
 
+def _type_name(hint) -> str:
+    "`int | None` -> 'int or None', `int` -> 'int'."
+    args = typing.get_args(hint)
+    return " or ".join(_type_name(a) for a in args) if args else getattr(hint, "__name__", str(hint))
+
 def _config_options(p: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
+    "One option per field of dataclass `cls`, its help taken from the comment beside the field."
+    hints, docs = typing.get_type_hints(cls), docments(cls, full=False)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = docs.get(f.name) or _type_name(hints.get(f.name))
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=parse_value, default=default,
-                       metavar=f.name.upper(), help=f"{hints.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
+                       metavar=f.name.upper(), help=f"{text} (default: {default!r})".replace("%", "%%"))
 
 # %% ../nbs/10_cli.ipynb #b795deee
 def _emit(result, as_json: bool, human=None) -> None:

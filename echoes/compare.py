@@ -10,7 +10,7 @@ import contextlib, functools, html, http.server, json, math, os, re, shutil, soc
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import get_logger, project_root, runs_dir
+from .core import get_logger, kernel_config, project_root, runs_dir
 from .tracking import client, resolve_tracking_uri
 
 # %% auto #0
@@ -525,7 +525,7 @@ def dashboard(tracking_uri: str | None = None, experiment: str | None = None, pa
     nb = dashboard_notebook()
     pm.execute_notebook(str(nb), str(nb_out), parameters=dict(tracking_uri=uri, experiment=experiment, parent=parent,
                                                                ui=ui or ui_base(uri)),
-                        progress_bar=False, cwd=str(nb.parent))
+                        progress_bar=False, cwd=str(nb.parent), config=kernel_config())
     to_html(nb_out, out)
     if parent:
         with tempfile.TemporaryDirectory() as d:

@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'file_sha256', 'atomic_path', 'file_lock', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths',
-           'describe_summary']
+           'file_sha256', 'atomic_path', 'file_lock', 'kernel_config', 'get_logger', 'SeqData', 'as_seqdata', 'flatten',
+           'full_lengths', 'describe_summary']
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:
@@ -106,6 +106,13 @@ def file_lock(path: Path | str, wait: bool = True):
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #37f77d9b
+def kernel_config():
+    "The kernel-manager config for `papermill.execute_notebook(..., config=kernel_config())`."
+    import zmq
+    from traitlets.config import Config
+    return Config({"KernelManager": {"transport_encryption": "auto"}}) if zmq.has("curve") else Config()
+
+# %% ../nbs/00_core.ipynb #5c043436
 def get_logger(name: str = "echoes") -> logging.Logger:
     "The `echoes` logger (or a child of it), with one console handler at INFO."
     root = logging.getLogger("echoes")
@@ -115,7 +122,7 @@ def get_logger(name: str = "echoes") -> logging.Logger:
         root.addHandler(h); root.setLevel(logging.INFO); root.propagate = False
     return root if name == "echoes" else root.getChild(name.removeprefix("echoes."))
 
-# %% ../nbs/00_core.ipynb #03eb8fd1
+# %% ../nbs/00_core.ipynb #deb74c13
 @dataclass
 class SeqData:
     "Padded sequences `X` (N, T, D), labels `y` (N,), valid lengths (N,), class names and provenance `info`."
@@ -173,7 +180,7 @@ def as_seqdata(data, classes: list[str] | None = None) -> SeqData:
         lengths = rest[0] if rest else np.full(len(X), X.shape[1])
     return SeqData(X, np.asarray(y), np.asarray(lengths), classes or [])
 
-# %% ../nbs/00_core.ipynb #deb74c13
+# %% ../nbs/00_core.ipynb #5912f679
 def flatten(d: dict, prefix: str = "") -> dict:
     "Nested dicts to one level with dotted keys; lists and tuples become strings."
     out = {}
@@ -183,7 +190,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else: out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(list(v) if isinstance(v, tuple) else v)
     return out
 
-# %% ../nbs/00_core.ipynb #5912f679
+# %% ../nbs/00_core.ipynb #ac207812
 def full_lengths(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     "The valid lengths of padded `x` (B, T, ...) on its device; every sequence full length when `lengths` is None."
     if lengths is None: return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)

@@ -10,7 +10,7 @@ import concurrent.futures as cf, contextlib, copy, itertools, multiprocessing as
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 import yaml
-from .core import get_logger, project_root, runs_dir, stable_hash
+from .core import get_logger, kernel_config, project_root, runs_dir, stable_hash
 from .compare import search_all as _search_all
 from .tracking import client as _client, resolve_tracking_uri
 
@@ -173,7 +173,8 @@ def run_trial(spec: dict) -> dict:
         with warnings.catch_warnings():  # nbformat's note about cell ids of the source notebook: not ours to fix
             warnings.filterwarnings("ignore", message=".*missing an id field.*")
             pm.execute_notebook(spec["notebook"], str(out), parameters=params, progress_bar=False,
-                                cwd=str(Path(spec["notebook"]).parent), kernel_name=spec.get("kernel"))
+                                cwd=str(Path(spec["notebook"]).parent), kernel_name=spec.get("kernel"),
+                                config=kernel_config())
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED"); raise
     except Exception as e:  # a failing notebook, or papermill failing to run it
