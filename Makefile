@@ -6,12 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install install-dev services check-clean lint nbtest pytest nbs-untouched readme
+.PHONY: demo test install install-dev services check-clean lint nbtest pytest tree-untouched readme
 
 demo: install
 	$(BIN)/echoes train --model esn
 
-test: install-dev services check-clean lint nbtest pytest nbs-untouched
+test: install-dev services check-clean lint nbtest pytest tree-untouched
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,10 @@ nbtest:
 pytest:
 	$(BIN)/pytest -q
 
-# Tests never write into nbs/ (checked on CI's clean clone, where nbs/ starts clean).
-nbs-untouched:
-	@dirty=$$(git status --porcelain --untracked-files=all -- nbs); \
-	if [ -n "$$dirty" ] && [ "$$CI" = true ]; then echo "the tests wrote into nbs/:"; echo "$$dirty"; exit 1; fi
+# Tests write only under runs/ and temporary folders: nothing in the tree changes (checked on CI's clean clone).
+tree-untouched:
+	@dirty=$$(git status --porcelain --untracked-files=all); \
+	if [ -n "$$dirty" ] && [ "$$CI" = true ]; then echo "the tests wrote into the tree:"; echo "$$dirty"; exit 1; fi
 
 readme:
 	$(BIN)/python tools/nb2readme.py

@@ -10,7 +10,7 @@ import contextlib, functools, html, http.server, json, math, os, re, shutil, soc
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import get_logger, kernel_config, project_root, runs_dir
+from .core import fmt_value, get_logger, kernel_config, project_root, runs_dir, safe_name
 from .tracking import client, resolve_tracking_uri
 
 # %% auto #0
@@ -104,13 +104,11 @@ def add_config(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     if df.empty: df["config"] = pd.Series(dtype=str); return df
     def label(row, names):
-        vals = ", ".join(f"{k}={_fmt(row[f'param.{k}'])}" for k in names)
+        vals = ", ".join(f"{k}={fmt_value(row[f'param.{k}'])}" for k in names)
         return f"{row['model']} ({vals})" if vals else row["model"]
     names = {m: varied_params(df, m) for m in df["model"].unique()}
     df["config"] = [label(r, names[r["model"]]) for _, r in df.iterrows()]
     return df
-
-def _fmt(v) -> str: return f"{v:g}" if isinstance(v, float) else str(v)
 
 # %% ../nbs/07_compare.ipynb #b92e4fa5
 def t_interval(x, confidence: float = 0.95) -> tuple[float, float, int]:
@@ -473,8 +471,6 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {% block jupyter_widgets %}{% endblock jupyter_widgets %}
 """
 
-def _slug(s: str) -> str: return re.sub(r"[^\w.-]+", "_", str(s)).strip("_") or "_"
-
 def dashboard_notebook() -> Path:
     "The dashboard notebook of the echoes project."
     root = project_root() or project_root(Path(__file__).parent)
@@ -519,7 +515,7 @@ def dashboard(tracking_uri: str | None = None, experiment: str | None = None, pa
     if parent is None and experiment is None: experiment = "synthetic"  # the built-in dataset's experiment
     where = resolve(parent or experiment, uri)
     if parent and where["parent_run_id"] is None: raise ValueError(f"no run with id {parent!r} in {uri}")
-    name = f"sweep-{parent[:8]}" if parent else f"experiment-{_slug(where['experiment'])}"
+    name = f"sweep-{parent[:8]}" if parent else f"experiment-{safe_name(where['experiment'])}"
     out = Path(out) if out else runs_dir("dashboard") / f"{name}.html"
     nb_out = out.with_suffix(".ipynb")
     nb = dashboard_notebook()

@@ -5,7 +5,7 @@ and `SeqData`, the one container every layer passes sequences in."""
 
 # %% ../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, logging, os, random, resource, sys, tempfile, time
+import contextlib, fcntl, hashlib, json, logging, os, random, re, resource, sys, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,8 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'file_sha256', 'atomic_path', 'file_lock', 'kernel_config', 'get_logger', 'SeqData', 'as_seqdata', 'flatten',
-           'full_lengths', 'describe_summary']
+           'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'kernel_config', 'get_logger',
+           'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'describe_summary']
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:
@@ -72,6 +72,14 @@ def stable_hash(obj, n: int = 16) -> str:
     "A short sha256 of `obj` as canonical JSON (sorted keys; paths and numpy scalars as strings)."
     s = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(s.encode()).hexdigest()[:n]
+
+def safe_name(s) -> str:
+    "`s` as one file-name component: every run of characters other than letters, digits, `.` and `-` becomes `_`."
+    return re.sub(r"[^\w.-]+", "_", str(s)).strip("_") or "_"
+
+def fmt_value(v) -> str:
+    "A parameter value as short text (floats in `%g` form), for names and labels."
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
     "The sha256 of a file's bytes."

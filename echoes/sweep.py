@@ -10,9 +10,9 @@ import concurrent.futures as cf, contextlib, copy, itertools, multiprocessing as
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 import yaml
-from .core import get_logger, kernel_config, project_root, runs_dir, stable_hash
+from .core import fmt_value, get_logger, kernel_config, project_root, runs_dir, stable_hash
 from .compare import search_all as _search_all
-from .tracking import client as _client, resolve_tracking_uri
+from .tracking import client as _client, experiment_id, resolve_tracking_uri
 
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'RESERVED', 'NOT_IDENTITY', 'RESULT_METRICS', 'EXECUTORS', 'load_sweep', 'trial_name', 'trials',
@@ -65,11 +65,9 @@ def load_sweep(src: str | Path | dict) -> dict:
     return sw
 
 # %% ../nbs/08_sweep.ipynb #af6d2fdc
-def _fmt(v) -> str: return f"{v:g}" if isinstance(v, float) else str(v)
-
 def trial_name(model: str, varied: dict, seed: int) -> str:
     "A short, file-name-safe name: model, the grid values that vary, the seed."
-    parts = [model, *(f"{k}{_fmt(v)}" for k, v in varied.items()), f"seed{seed}"]
+    parts = [model, *(f"{k}{fmt_value(v)}" for k, v in varied.items()), f"seed{seed}"]
     return "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
 
 def trials(sweep: str | Path | dict) -> list[dict]:
@@ -102,11 +100,6 @@ def sweep_key(sweep: str | Path | dict) -> str:
     return stable_hash({"name": sw["name"], "dataset": sw["dataset"], "trials": sorted(t["key"] for t in trials(sw))})
 
 # %% ../nbs/08_sweep.ipynb #faeb3709
-def _experiment_id(tracking_uri: str, name: str) -> str:
-    "The experiment's id, created when missing (with artifacts beside a local store, as `echoes.tracking` does)."
-    from echoes.tracking import experiment_id
-    return experiment_id(name, tracking_uri)
-
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, object]:
     "The child runs of a sweep's parent run, by trial key (the newest when a key has several)."
     runs = _search_all(_client(tracking_uri), experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
@@ -120,7 +113,7 @@ def start_parent(sweep: str | Path | dict, tracking_uri: str | None = None) -> d
     sw, tracking_uri = load_sweep(sweep), resolve_tracking_uri(tracking_uri)
     key, client = sweep_key(sw), _client(tracking_uri)
     experiment = sw.get("experiment") or sw["dataset"]
-    exp_id = _experiment_id(tracking_uri, experiment)
+    exp_id = experiment_id(experiment, tracking_uri)
     found = [r for r in _search_all(client, exp_id, f"tags.`echoes.sweep` = '{key}'")
              if "mlflow.parentRunId" not in r.data.tags]
     if found:

@@ -34,7 +34,7 @@ from torch import nn
 
 import echoes
 from .core import (SeqData, as_seqdata, file_lock, flatten, get_device, get_logger, project_root, runs_dir,
-                         set_seed, stable_hash)
+                         safe_name, set_seed, stable_hash)
 from .train import TrainConfig, evaluate, final_metrics, fit, plot_confusion, plot_learning_curves
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow is imported lazily, after this
@@ -59,8 +59,6 @@ def _local_artifact_root(uri: str) -> Path | None:
     if uri.startswith("file:"): return Path(uri.removeprefix("file://").removeprefix("file:")) / "artifacts"
     return None
 
-def _safe(name: str) -> str: return re.sub(r"[^\w.-]+", "_", str(name)).strip("_") or "_"
-
 def client(uri: str | None = None):
     "An `MlflowClient` on the resolved store."
     from mlflow import MlflowClient
@@ -72,7 +70,7 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     uri = resolve_tracking_uri(uri); c = client(uri)
     if e := c.get_experiment_by_name(name): return e.experiment_id
     root = _local_artifact_root(uri)
-    try: return c.create_experiment(name, artifact_location=(root / _safe(name)).as_uri() if root else None)
+    try: return c.create_experiment(name, artifact_location=(root / safe_name(name)).as_uri() if root else None)
     except MlflowException:  # created meanwhile by a concurrent trial
         if e := c.get_experiment_by_name(name): return e.experiment_id
         raise
@@ -184,10 +182,10 @@ class Run:
         self.mlrun, self.id, self.name = r, r.info.run_id, r.info.run_name
         self._claim("id", self.id)
         self._check_params()
-        key = (_safe(self.experiment), self.id)
+        key = (safe_name(self.experiment), self.id)
         self.checkpoint_dir = runs_dir("checkpoints", *key, create=False)
         self.log_path = runs_dir("logs", *key) / "run.log"
-        self.tb_dir = runs_dir("tb", _safe(self.experiment), _safe(self.name), create=False)
+        self.tb_dir = runs_dir("tb", safe_name(self.experiment), safe_name(self.name), create=False)
         self._logged = set()
         if self.resumed:
             for k in r.data.metrics:
@@ -227,7 +225,7 @@ class Run:
                               tags=_tag_list(tags))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(runs_dir("tb", _safe(self.experiment), _safe(self.name))),
+            self.tb = SummaryWriter(str(runs_dir("tb", safe_name(self.experiment), safe_name(self.name))),
                                     purge_step=1 if self.resumed else None, flush_secs=10)
         if threading.current_thread() is threading.main_thread():
             def _term(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
