@@ -5,7 +5,8 @@ and `SeqData`, the one container every layer passes sequences in."""
 
 # %% ../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, logging, os, random, re, resource, sys, tempfile, time
+import contextlib, fcntl, hashlib, json, logging, os, random, re, resource, shutil, sys, tempfile, time, tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,16 +14,18 @@ import torch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'kernel_config', 'get_logger',
-           'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'describe_summary']
+           'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir', 'kernel_config',
+           'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params', 'describe_summary',
+           'toy_sequences']
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:
-    "The nearest folder at or above `start` whose `pyproject.toml` is echoes', or `None`."
+    "The nearest folder at or above `start` whose `pyproject.toml` is this project's, or `None`."
+    from echoes import DISTRIBUTION
     p = Path(start or Path.cwd()).resolve()
     for d in [p, *p.parents]:
         f = d / "pyproject.toml"
-        if f.exists() and 'name = "echoes"' in f.read_text(): return d
+        if f.exists() and tomllib.loads(f.read_text()).get("project", {}).get("name") == DISTRIBUTION: return d
     return None
 
 def runs_dir(*parts: str, create: bool = True) -> Path:
@@ -75,7 +78,8 @@ def stable_hash(obj, n: int = 16) -> str:
 
 def safe_name(s) -> str:
     "`s` as one file-name component: every run of characters other than letters, digits, `.` and `-` becomes `_`."
-    return re.sub(r"[^\w.-]+", "_", str(s)).strip("_") or "_"
+    s = re.sub(r"[^\w.-]+", "_", str(s)).strip("_")
+    return "_" if s in ("", ".", "..") else s  # never a path that leaves its folder
 
 def fmt_value(v) -> str:
     "A parameter value as short text (floats in `%g` form), for names and labels."
@@ -88,6 +92,7 @@ def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #3e46d753
 @contextlib.contextmanager
 def atomic_path(path: Path | str):
     "Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."
@@ -99,6 +104,7 @@ def atomic_path(path: Path | str):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
+# %% ../nbs/00_core.ipynb #e31f249a
 @contextlib.contextmanager
 def file_lock(path: Path | str, wait: bool = True):
     """An exclusive advisory lock on `path`, across the processes of one machine, held while the block runs.
@@ -112,6 +118,23 @@ def file_lock(path: Path | str, wait: bool = True):
         f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/00_core.ipynb #ada17645
+def cached_dir(base: Path | str, key: str, build: Callable[[Path], object], *, resume: bool = False,
+               done: str = "meta.json") -> Path:
+    "The finished cache folder `base/key`; when missing, `build(partial_folder)` fills it and writes `done` last."
+    base = Path(base); final = base / key
+    if (final / done).exists(): return final
+    with file_lock(base / f"{key}.lock"):
+        if (final / done).exists(): return final
+        part = base / f"{key}.partial"
+        if not resume: shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True, exist_ok=True)
+        build(part)
+        if not (part / done).exists(): raise RuntimeError(f"the builder of cache {key} did not write {done}")
+        if final.exists(): shutil.rmtree(final)  # unfinished (no `done`): never trusted
+        os.rename(part, final)
+    return final
 
 # %% ../nbs/00_core.ipynb #37f77d9b
 def kernel_config():
@@ -204,9 +227,35 @@ def full_lengths(x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.
     if lengths is None: return torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
     return lengths.to(x.device)
 
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    "(trainable, total): what an optimiser or a closed-form fit changes, and every weight, buffers included, counted dense."
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+
 def describe_summary(model: torch.nn.Module, layers: list[dict]) -> dict:
     "A model's `describe()` dict: its `layers`, and trainable, frozen (buffers included) and total parameters."
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(b.numel() for b in model.buffers())
+    trainable, total = count_params(model)
     return {"model": type(model).__name__, "closed_form": bool(model.closed_form), "layers": layers,
-            "trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen}
+            "trainable_params": trainable, "frozen_params": total - trainable, "total_params": total}
+
+# %% ../nbs/00_core.ipynb #00c5f352
+_ORDERS = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+
+def toy_sequences(n: int = 300, num_classes: int = 4, T: int = 12, D: int = 6, seed: int = 0, noise: float = 0.3,
+                  min_len: int | None = None, task: str = "order") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "A labelled toy task: `(X (n, T, D) float32, y (n,), lengths (n,))`, zero past each length."
+    if task not in ("order", "position"): raise ValueError(f"task must be 'order' or 'position', got {task!r}")
+    if task == "order" and not 1 <= num_classes <= 6:
+        raise ValueError("three patterns have 6 orders: num_classes must be in 1..6")
+    width = T // num_classes
+    if task == "position" and width < 1: raise ValueError(f"T={T} has no room for {num_classes} positions")
+    g = np.random.default_rng(seed)
+    y = g.integers(0, num_classes, n)
+    lengths = np.full(n, T) if min_len is None else g.integers(max(3, min_len), T + 1, n)
+    X = noise * g.normal(size=(n, T, D))
+    pats = np.random.default_rng(12345).normal(size=(3, D)) * 1.5  # the same patterns for every split
+    for i in range(n):
+        if task == "order": X[i, np.sort(g.choice(lengths[i], 3, replace=False))] += pats[list(_ORDERS[y[i]])]
+        else: X[i, y[i] * width:(y[i] + 1) * width, 0] += 1
+        X[i, lengths[i]:] = 0
+    return X.astype(np.float32), y, lengths

@@ -29,20 +29,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Self
 
+from fastcore.basics import patch
+
 import torch
 from torch import nn
 
 import echoes
-from .core import (SeqData, as_seqdata, file_lock, flatten, get_device, get_logger, project_root, runs_dir,
-                         safe_name, set_seed, stable_hash)
-from .train import TrainConfig, evaluate, final_metrics, fit, plot_confusion, plot_learning_curves
+from .core import (SeqData, as_seqdata, count_params, file_lock, flatten, get_device, get_logger, project_root,
+                         runs_dir, safe_name, set_seed, stable_hash)
+from .train import TrainConfig, config_fields, evaluate, final_metrics, fit, plot_confusion, plot_learning_curves
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # mlflow is imported lazily, after this
 
 # %% auto #0
-__all__ = ['EPOCH_METRICS', 'default_tracking_uri', 'resolve_tracking_uri', 'client', 'experiment_id', 'git_info', 'device_tag',
-           'data_tags', 'run_tags', 'Run', 'start_run', 'load_splits', 'build_model', 'run_experiment', 'log_notebook',
-           'papermill_output_path', 'log_executed_notebook', 'free_port', 'wait_http', 'UI', 'ui']
+__all__ = ['default_tracking_uri', 'resolve_tracking_uri', 'client', 'experiment_id', 'search_all', 'git_info', 'device_tag',
+           'data_tags', 'run_tags', 'tensorboard_dir', 'find_run', 'run_lock', 'run_params', 'config_diff', 'Run',
+           'start_run', 'load_splits', 'build_model', 'run_experiment', 'log_notebook', 'papermill_output_path',
+           'log_executed_notebook', 'free_port', 'wait_http', 'UI', 'ui']
 
 # %% ../nbs/06_tracking.ipynb #a92ed277
 def default_tracking_uri() -> str:
@@ -75,6 +78,14 @@ def experiment_id(name: str, uri: str | None = None) -> str:
         if e := c.get_experiment_by_name(name): return e.experiment_id
         raise
 
+def search_all(c, experiment_ids: list[str], filter_string: str = "") -> list:
+    "Every run matching `filter_string` (following MLflow's pages)."
+    out, token = [], None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        out += list(page); token = page.token
+        if not token: return out
+
 # %% ../nbs/06_tracking.ipynb #0ca270d5
 def git_info(path: Path | str | None = None) -> dict:
     "`{'commit', 'dirty'}` of the git checkout holding `path` (the project), or 'none' outside one."
@@ -94,6 +105,7 @@ def device_tag(device="auto") -> str:
     d = get_device(device)
     return f"{d} ({torch.cuda.get_device_name(d)})" if d.type == "cuda" else str(d)
 
+# %% ../nbs/06_tracking.ipynb #a8a90bbd
 # Splits.info keys -> tag names; the first key present wins.
 _DATA_TAGS = {"echoes.data_fingerprint": ("fingerprint", "data_fingerprint", "dataset_fingerprint"),
               "echoes.clip_cache": ("clip_cache", "clip_cache_key", "clip_key"),
@@ -119,15 +131,52 @@ def run_tags(cfg: TrainConfig) -> dict:
             "echoes.host": socket.gethostname(), "echoes.device": device_tag(cfg.device)}
 
 # %% ../nbs/06_tracking.ipynb #4e1efc3e
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
 # Operational fields: they may change between attempts of one run without making it another run.
-_RUNTIME_FIELDS = {"run_id", "run_name", "tracking_uri", "experiment", "progress", "num_workers", "device", "log_model",
-                   "tensorboard"}
+_RUNTIME_FIELDS = frozenset(config_fields("runtime", "record"))
 _fluent_lock = threading.Lock()
 
 class _Silence(logging.Filter):
     "Drops MLflow's warning about pickled models: the pickle format is the deliberate choice here."
     def filter(self, r): return "serialization_format" not in r.getMessage()
+
+def tensorboard_dir(experiment: str, run_name: str, create: bool = False) -> Path:
+    "Where the TensorBoard events of a run lie: `runs/tb/<experiment>/<run name>`, each made one safe path component."
+    return runs_dir("tb", safe_name(experiment), safe_name(run_name), create=create)
+
+# %% ../nbs/06_tracking.ipynb #a0c98fc1
+def find_run(client, experiment_id: str, cfg: TrainConfig, tracking_uri: str | None = None):
+    "The existing MLflow run `cfg` names (by `run_id`, else by `run_name` in the experiment), or None."
+    if cfg.run_id:
+        from mlflow.exceptions import MlflowException
+        try: return client.get_run(cfg.run_id)
+        except MlflowException as e: raise ValueError(f"no MLflow run with id {cfg.run_id!r} in {tracking_uri}") from e
+    if cfg.run_name:
+        q = '"' if "'" in cfg.run_name else "'"
+        rs = client.search_runs([experiment_id], f"tags.`mlflow.runName` = {q}{cfg.run_name}{q}",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+        return rs[0] if rs else None
+    return None
+
+# %% ../nbs/06_tracking.ipynb #0951a47c
+@contextlib.contextmanager
+def run_lock(tracking_uri: str, *ident: str):
+    "Hold the lock on the run `ident` (experiment and name, or 'id' and run id) of `tracking_uri`, or fail at once."
+    path = runs_dir("locks") / f"run-{stable_hash([tracking_uri, *ident])}.lock"
+    try:
+        with file_lock(path, wait=False): yield
+    except BlockingIOError as e:
+        raise RuntimeError(f"run {ident[-1]!r} is already open ({e}): wait for it to end, or choose another "
+                           "run_name") from None
+
+# %% ../nbs/06_tracking.ipynb #19c1cdc8
+def run_params(cfg: TrainConfig) -> dict:
+    "The config as flat MLflow params (strings)."
+    return {k: str(v) for k, v in flatten(cfg.to_dict()).items()}
+
+def config_diff(old_params: dict, cfg: TrainConfig) -> dict:
+    "`{name: (recorded, now)}` for the params of `cfg` that differ from a run's, runtime and record fields aside."
+    return {k: (old_params[k], v) for k, v in run_params(cfg).items()
+            if k in old_params and old_params[k] != v and k not in _RUNTIME_FIELDS}
 
 # %% ../nbs/06_tracking.ipynb #582f6fc1
 class Run:
@@ -136,259 +185,239 @@ class Run:
         self.cfg, self.extra_tags, self.parent_run_id = cfg, dict(tags or {}), parent_run_id
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
         self.client, self.log = client(self.tracking_uri), get_logger("echoes.tracking")
-        self.tb = self._handler = self._old_sigterm = None
-        self.resumed = self.finished = False
+        self.tb = self._handler = self._old_sigterm = None; self.resumed = self.finished = False
         self._lock = contextlib.ExitStack()
         try: self._open()
         except BaseException: self._lock.close(); raise
 
-    def _claim(self, *ident):
-        "Hold this machine's lock on a run (by name, then by id): a second opener fails instead of writing into it."
-        path = runs_dir("locks") / f"run-{stable_hash([self.tracking_uri, *ident])}.lock"
-        try: self._lock.enter_context(file_lock(path, wait=False))
-        except BlockingIOError as e:
-            raise RuntimeError(f"run {ident[-1]!r} is already open ({e}): wait for it to end, or choose another "
-                               "run_name") from None
-
-    def _find(self):
-        "The existing MLflow run this config names, or None."
-        c, cfg = self.client, self.cfg
-        if cfg.run_id:
-            from mlflow.exceptions import MlflowException
-            try: return c.get_run(cfg.run_id)
-            except MlflowException as e: raise ValueError(f"no MLflow run with id {cfg.run_id!r} in {self.tracking_uri}") from e
-        if cfg.run_name:
-            q = '"' if "'" in cfg.run_name else "'"
-            rs = c.search_runs([self.experiment_id], f"tags.`mlflow.runName` = {q}{cfg.run_name}{q}",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-            return rs[0] if rs else None
-        return None
-
     def _open(self):
+        "Find or create the run, holding its locks; where its checkpoints, log and TensorBoard events go."
         cfg = self.cfg
         self.experiment = cfg.experiment or cfg.dataset
         self.experiment_id = experiment_id(self.experiment, self.tracking_uri)
-        if cfg.run_name and not cfg.run_id: self._claim(self.experiment, cfg.run_name)  # before find-or-create
-        r = self._find()
+        if cfg.run_name and not cfg.run_id:  # before find-or-create, so two starts cannot make twin runs
+            self._lock.enter_context(run_lock(self.tracking_uri, self.experiment, cfg.run_name))
+        r = find_run(self.client, self.experiment_id, cfg, self.tracking_uri)
         if r is None:
             name = cfg.run_name or f"{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
             r = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         else:
-            self.resumed = True
+            self.resumed, self.finished = True, r.info.status == "FINISHED"
             self.experiment_id = r.info.experiment_id
             self.experiment = self.client.get_experiment(self.experiment_id).name
-            self.finished = r.info.status == "FINISHED"
         self.mlrun, self.id, self.name = r, r.info.run_id, r.info.run_name
-        self._claim("id", self.id)
-        self._check_params()
-        key = (safe_name(self.experiment), self.id)
-        self.checkpoint_dir = runs_dir("checkpoints", *key, create=False)
-        self.log_path = runs_dir("logs", *key) / "run.log"
-        self.tb_dir = runs_dir("tb", safe_name(self.experiment), safe_name(self.name), create=False)
-        self._logged = set()
-        if self.resumed:
-            for k in r.data.metrics:
-                self._logged |= {(k, m.step) for m in self.client.get_metric_history(self.id, k)}
-
-    def params(self) -> dict:
-        "The config as flat MLflow params (strings)."
-        return {k: str(v) for k, v in flatten(self.cfg.to_dict()).items()}
-
-    def _check_params(self):
-        old = self.mlrun.data.params
-        diff = {k: (old[k], v) for k, v in self.params().items()
-                if k in old and old[k] != v and k not in _RUNTIME_FIELDS}
-        if diff:
+        self._lock.enter_context(run_lock(self.tracking_uri, "id", self.id))
+        if diff := config_diff(r.data.params, cfg):
             raise ValueError(f"run {self.name!r} ({self.id}) was started with a different config: "
                              + ", ".join(f"{k}={a} (now {b})" for k, (a, b) in sorted(diff.items()))
                              + "; use another run_name to start a new run")
+        key = (safe_name(self.experiment), self.id)
+        self.checkpoint_dir = runs_dir("checkpoints", *key, create=False)
+        self.log_path = runs_dir("logs", *key) / "run.log"
+        self.tb_dir = tensorboard_dir(self.experiment, self.name)
+        # the (metric, step) pairs the run holds already
+        self._logged = {(k, m.step) for k in r.data.metrics for m in self.client.get_metric_history(self.id, k)}
 
-    # ---- context manager ----
-    def __enter__(self) -> Self:
-        if self.finished:
-            self.log.info(f"run {self.name!r} ({self.id}) already FINISHED; nothing to do"); return self
-        self._handler = logging.FileHandler(self.log_path, mode="a", encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self._handler.setLevel(logging.INFO); get_logger().addHandler(self._handler)
-        try: self._start()
-        except BaseException:  # a half-opened run still ends FAILED/KILLED, with its log
-            self.__exit__(*sys.exc_info()); raise
-        return self
+# %% ../nbs/06_tracking.ipynb #f04657ed
+@patch
+def __enter__(self: Run) -> Self:
+    if self.finished:
+        self.log.info(f"run {self.name!r} ({self.id}) already FINISHED; nothing to do"); return self
+    self._handler = logging.FileHandler(self.log_path, mode="a", encoding="utf-8")
+    self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    self._handler.setLevel(logging.INFO); get_logger().addHandler(self._handler)
+    try: self._start()
+    except BaseException:  # a half-opened run still ends FAILED/KILLED, with its log
+        self.__exit__(*sys.exc_info()); raise
+    return self
 
-    def _start(self) -> None:
-        from mlflow.entities import Param
-        if self.resumed: self.client.update_run(self.id, status="RUNNING")
-        new = {k: v for k, v in self.params().items() if k not in self.mlrun.data.params}
-        tags = {**run_tags(self.cfg), **self.extra_tags}
-        self.client.log_batch(self.id, params=[Param(k, v[:6000]) for k, v in new.items()],
-                              tags=_tag_list(tags))
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(runs_dir("tb", safe_name(self.experiment), safe_name(self.name))),
-                                    purge_step=1 if self.resumed else None, flush_secs=10)
-        if threading.current_thread() is threading.main_thread():
-            def _term(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
-            self._old_sigterm = signal.signal(signal.SIGTERM, _term)
-        self.log.info(f"{'resuming' if self.resumed else 'started'} MLflow run {self.name!r} ({self.id}) in "
-                      f"experiment {self.experiment!r} at {self.tracking_uri}")
-
-    def __exit__(self, etype, exc, tb) -> bool:
-        if self.finished and self._handler is None: self._lock.close(); return False
-        status = "FINISHED" if etype is None else "KILLED" if issubclass(etype, KeyboardInterrupt) else "FAILED"
-        try:
-            if status == "FAILED":
-                msg = f"{etype.__name__}: {exc}"
-                self.log.error(f"run failed: {msg}\n" + "".join(traceback.format_exception(etype, exc, tb)))
-                self.client.set_tag(self.id, "echoes.error", msg[:4900])
-            elif status == "KILLED": self.log.warning(f"run interrupted ({exc or 'KeyboardInterrupt'}); ending it KILLED")
-            else: self.log.info(f"run {self.name!r} ({self.id}) finished")
-            if self.tb: self.tb.close()
-            self._handler.flush()
-            with contextlib.suppress(Exception): self.client.log_artifact(self.id, str(self.log_path), "logs")
-        finally:
-            get_logger().removeHandler(self._handler); self._handler.close()
-            if self._old_sigterm is not None: signal.signal(signal.SIGTERM, self._old_sigterm)
-            self.client.set_terminated(self.id, status)
-            if status == "FINISHED": shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            self._lock.close()
-        return False
-
-    # ---- logging ----
-    def log_metrics(self, metrics: dict, step: int = 0, tb: bool = True) -> dict:
-        "Log scalar `metrics` at `step` to MLflow (skipping ones it holds already) and TensorBoard."
-        from mlflow.entities import Metric
-        ts = int(time.time() * 1000)
-        ms = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        new = [Metric(k, v, ts, step) for k, v in ms.items() if (k, step) not in self._logged]
-        if new:
-            self.client.log_batch(self.id, metrics=new); self._logged |= {(m.key, step) for m in new}
-        if tb and self.tb:
-            for k, v in ms.items(): self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        return ms
-
-    def log_epoch(self, epoch: int, metrics: dict) -> None:
-        "The per-epoch metrics at step `epoch` (1-based); the callback `fit` takes."
-        self.log_metrics(metrics, step=epoch)
-
-    def set_tags(self, tags: dict) -> None:
-        if tags: self.client.log_batch(self.id, tags=_tag_list(tags))
-
-    def log_data_info(self, info: dict | None) -> None:
-        "Dataset fingerprint and cache keys as tags; the whole info dict as `data_info.json`."
-        self.set_tags(data_tags(info))
-        if info: self.log_dict(info, "data_info.json")
-
-    def log_dict(self, obj, name: str, artifact_path: str | None = None) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / name; p.write_text(json.dumps(obj, indent=2, default=_jsonable))
-            self.client.log_artifact(self.id, str(p), artifact_path)
-
-    def log_figure(self, fig, name: str) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / name; fig.savefig(p, dpi=110, bbox_inches="tight")
-            self.client.log_artifact(self.id, str(p))
-
-    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.id, str(path), artifact_path)
-
-    def log_notebook(self, path: Path | str, name: str | None = None) -> str:
-        "An executed notebook as `notebook/<name>.ipynb`."
-        return log_notebook(path, self.id, self.tracking_uri, name)
-
-    def log_model(self, model: nn.Module) -> str | None:
-        "Log `model` with `mlflow.pytorch.log_model` (pickle format, explicit requirements); its URI."
-        import mlflow
-        import mlflow.pytorch
-        reqs = [f"torch=={torch.__version__.split('+')[0]}", f"echoes=={getattr(echoes, '__version__', '0')}",
-                "numpy"]
-        out, model = {}, model.cpu()
-        def work():  # a thread of its own: no fluent run of the caller's thread is disturbed
-            with _fluent_lock:
-                from mlflow.tracking._tracking_service import utils as tu
-                old, old_env, flt = tu._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"), _Silence()
-                logging.getLogger("mlflow.pytorch").addFilter(flt)
-                try:
-                    mlflow.set_tracking_uri(self.tracking_uri)
-                    mlflow.start_run(run_id=self.id)
-                    try:
-                        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                                        pip_requirements=reqs)
-                        out["uri"] = info.model_uri
-                    finally: mlflow.end_run(status="RUNNING")  # the block's exit sets the real status
-                except BaseException as e:  # noqa: BLE001  handed to the caller's thread below
-                    out["error"] = e
-                finally:
-                    logging.getLogger("mlflow.pytorch").removeFilter(flt); mlflow.set_tracking_uri(old)
-                    # set_tracking_uri also writes $MLFLOW_TRACKING_URI: put back exactly what was there
-                    if old_env is None: os.environ.pop("MLFLOW_TRACKING_URI", None)
-                    else: os.environ["MLFLOW_TRACKING_URI"] = old_env
-        th = threading.Thread(target=work, name="echoes-log-model"); th.start(); th.join()
-        if "error" in out:
-            self.log.warning(f"could not log the model: {out['error']}"); return None
-        return out["uri"]
-
-    def log_describe(self, model: nn.Module) -> dict:
-        "The architecture (`model.describe()` when it has one) as `describe.json`."
-        from echoes.train import count_params
-        tr, tot = count_params(model)
-        d = model.describe() if hasattr(model, "describe") else {"class": type(model).__name__, "repr": repr(model)}
-        d = {**d, "trainable_params": tr, "total_params": tot, "frozen_params": tot - tr}
-        self.log_dict(d, "describe.json")
-        return d
-
-    def log_results(self, results: dict, model: nn.Module | None = None, history: dict | None = None) -> dict:
-        "Final metrics, TensorBoard hparams, and the artifacts of an evaluation; returns the final metrics."
-        m = final_metrics(results, history, model)
-        step = len(history["epochs"]) if history and history.get("epochs") else 0
-        self.log_metrics(m, step=0, tb=False)
-        if self.tb:
-            from torch.utils.tensorboard.summary import hparams
-            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(self.cfg.to_dict()).items()}
-            for s in hparams(hp, {f"hparam/{k}": v for k, v in m.items()}): self.tb.file_writer.add_summary(s, step)
-            for k, v in m.items(): self.tb.add_scalar(f"hparam/{k}", v, step)
-            self.tb.flush()
-        classes = results.get("classes")
-        self.log_dict(self.cfg.to_dict(), "config.json")
-        self.log_dict(results["per_class"], "per_class.json")
-        self.log_dict({k: v for k, v in results.items() if k not in ("confusion", "predictions", "labels")},
-                      "results.json")
-        self.log_dict({"classes": classes, "labels": results["labels"], "predictions": results["predictions"],
-                       "confusion": results["confusion"]}, "predictions.json")
-        self.log_figure(plot_confusion(results["confusion"], classes, title=f"{self.cfg.model}: confusion (test)"),
-                        "confusion.png")
-        if history:
-            self.log_dict(history, "history.json")
-            if history.get("epochs"):
-                self.log_figure(plot_learning_curves(history, title=f"{self.cfg.model}: learning curves"),
-                                "learning_curves.png")
-        if model is not None:
-            self.log_describe(model)
-            if self.cfg.log_model: self.log_model(model)
-        return m
-
-    def summary(self) -> dict:
-        "The run's identity and final metrics, as `run_experiment` returns them."
-        r = self.client.get_run(self.id)
-        return {**r.data.metrics, "run_id": self.id, "run_name": self.name, "experiment": self.experiment,
-                "tracking_uri": self.tracking_uri, "model": self.cfg.model, "dataset": self.cfg.dataset,
-                "status": r.info.status}
+@patch
+def _start(self: Run) -> None:
+    from mlflow.entities import Param
+    if self.resumed: self.client.update_run(self.id, status="RUNNING")
+    new = {k: v for k, v in run_params(self.cfg).items() if k not in self.mlrun.data.params}
+    self.client.log_batch(self.id, params=[Param(k, v[:6000]) for k, v in new.items()],
+                          tags=_tag_list({**run_tags(self.cfg), **self.extra_tags}))
+    if self.cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(tensorboard_dir(self.experiment, self.name, create=True)),
+                                purge_step=1 if self.resumed else None, flush_secs=10)
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
+        self._old_sigterm = signal.signal(signal.SIGTERM, _term)
+    self.log.info(f"{'resuming' if self.resumed else 'started'} MLflow run {self.name!r} ({self.id}) in "
+                  f"experiment {self.experiment!r} at {self.tracking_uri}")
 
 def _tag_list(tags: dict):
     from mlflow.entities import RunTag
     return [RunTag(k, str(v)[:4900]) for k, v in tags.items() if v is not None]
 
-def _jsonable(o):
-    if hasattr(o, "tolist"): return o.tolist()
-    if isinstance(o, Path): return str(o)
-    return str(o)
+# %% ../nbs/06_tracking.ipynb #1a568234
+@patch
+def __exit__(self: Run, etype, exc, tb) -> bool:
+    if self.finished and self._handler is None: self._lock.close(); return False
+    status = "FINISHED" if etype is None else "KILLED" if issubclass(etype, KeyboardInterrupt) else "FAILED"
+    try:
+        if status == "FAILED":
+            msg = f"{etype.__name__}: {exc}"
+            self.log.error(f"run failed: {msg}\n" + "".join(traceback.format_exception(etype, exc, tb)))
+            self.client.set_tag(self.id, "echoes.error", msg[:4900])
+        elif status == "KILLED": self.log.warning(f"run interrupted ({exc or 'KeyboardInterrupt'}); ending it KILLED")
+        else: self.log.info(f"run {self.name!r} ({self.id}) finished")
+        if self.tb: self.tb.close()
+        self._handler.flush()
+        with contextlib.suppress(Exception): self.client.log_artifact(self.id, str(self.log_path), "logs")
+    finally:
+        get_logger().removeHandler(self._handler); self._handler.close()
+        if self._old_sigterm is not None: signal.signal(signal.SIGTERM, self._old_sigterm)
+        self.client.set_terminated(self.id, status)
+        if status == "FINISHED": shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        self._lock.close()
+    return False
 
 def start_run(cfg: TrainConfig | dict | None = None, tags: dict | None = None, *,
               parent_run_id: str | None = None) -> Run:
     "Open (or resume) the MLflow run of `cfg`; use as `with start_run(cfg) as run:`."
     cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
     return Run(cfg, tags, parent_run_id)
+
+# %% ../nbs/06_tracking.ipynb #d04f4a42
+@patch
+def log_metrics(self: Run, metrics: dict, step: int = 0, tb: bool = True) -> dict:
+    "Log scalar `metrics` at `step` to MLflow (skipping ones it holds already) and TensorBoard."
+    from mlflow.entities import Metric
+    ts = int(time.time() * 1000)
+    ms = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    new = [Metric(k, v, ts, step) for k, v in ms.items() if (k, step) not in self._logged]
+    if new:
+        self.client.log_batch(self.id, metrics=new); self._logged |= {(m.key, step) for m in new}
+    if tb and self.tb:
+        for k, v in ms.items(): self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+    return ms
+
+@patch
+def log_epoch(self: Run, epoch: int, metrics: dict) -> None:
+    "The per-epoch metrics at step `epoch` (1-based); the callback `fit` takes."
+    self.log_metrics(metrics, step=epoch)
+
+# %% ../nbs/06_tracking.ipynb #2b5da6a0
+@patch
+def set_tags(self: Run, tags: dict) -> None:
+    if tags: self.client.log_batch(self.id, tags=_tag_list(tags))
+
+@patch
+def log_data_info(self: Run, info: dict | None) -> None:
+    "Dataset fingerprint and cache keys as tags; the whole info dict as `data_info.json`."
+    self.set_tags(data_tags(info))
+    if info: self.log_dict(info, "data_info.json")
+
+def _jsonable(o):
+    if hasattr(o, "tolist"): return o.tolist()
+    return str(o)
+
+@patch
+def log_dict(self: Run, obj, name: str, artifact_path: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name; p.write_text(json.dumps(obj, indent=2, default=_jsonable))
+        self.client.log_artifact(self.id, str(p), artifact_path)
+
+@patch
+def log_figure(self: Run, fig, name: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name; fig.savefig(p, dpi=110, bbox_inches="tight")
+        self.client.log_artifact(self.id, str(p))
+
+# %% ../nbs/06_tracking.ipynb #1e9d6258
+@patch
+def log_model(self: Run, model: nn.Module) -> str | None:
+    "Log `model` with `mlflow.pytorch.log_model` (pickle format, explicit requirements); its URI."
+    import mlflow
+    import mlflow.pytorch
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"{echoes.DISTRIBUTION}=={echoes.__version__}", "numpy"]
+    out, model = {}, model.cpu()
+    def work():  # a thread of its own: no fluent run of the caller's thread is disturbed
+        with _fluent_lock:
+            from mlflow.tracking._tracking_service import utils as tu
+            old, old_env, flt = tu._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"), _Silence()
+            logging.getLogger("mlflow.pytorch").addFilter(flt)
+            try:
+                mlflow.set_tracking_uri(self.tracking_uri)
+                mlflow.start_run(run_id=self.id)
+                try:
+                    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                                    pip_requirements=reqs)
+                    out["uri"] = info.model_uri
+                finally: mlflow.end_run(status="RUNNING")  # the block's exit sets the real status
+            except BaseException as e:  # noqa: BLE001  handed to the caller's thread below
+                out["error"] = e
+            finally:
+                logging.getLogger("mlflow.pytorch").removeFilter(flt); mlflow.set_tracking_uri(old)
+                # set_tracking_uri also writes $MLFLOW_TRACKING_URI: put back exactly what was there
+                if old_env is None: os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else: os.environ["MLFLOW_TRACKING_URI"] = old_env
+    th = threading.Thread(target=work, name="echoes-log-model"); th.start(); th.join()
+    if "error" in out:
+        self.log.warning(f"could not log the model: {out['error']}"); return None
+    return out["uri"]
+
+# %% ../nbs/06_tracking.ipynb #64efee61
+@patch
+def log_describe(self: Run, model: nn.Module) -> dict:
+    "The architecture (`model.describe()` when it has one) as `describe.json`."
+    tr, tot = count_params(model)
+    d = model.describe() if hasattr(model, "describe") else {"class": type(model).__name__, "repr": repr(model)}
+    d = {**d, "trainable_params": tr, "total_params": tot, "frozen_params": tot - tr}
+    self.log_dict(d, "describe.json")
+    return d
+
+@patch
+def _log_hparams(self: Run, m: dict, step: int) -> None:
+    "TensorBoard's hparams view: the flat config against the final metrics."
+    from torch.utils.tensorboard.summary import hparams
+    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(self.cfg.to_dict()).items()}
+    for s in hparams(hp, {f"hparam/{k}": v for k, v in m.items()}): self.tb.file_writer.add_summary(s, step)
+    for k, v in m.items(): self.tb.add_scalar(f"hparam/{k}", v, step)
+    self.tb.flush()
+
+# %% ../nbs/06_tracking.ipynb #65024de3
+@patch
+def log_results(self: Run, results: dict, model: nn.Module | None = None, history: dict | None = None) -> dict:
+    "Final metrics, TensorBoard hparams, and the artifacts of an evaluation; returns the final metrics."
+    m = final_metrics(results, history, model)
+    self.log_metrics(m, step=0, tb=False)
+    if self.tb: self._log_hparams(m, len(history["epochs"]) if history and history.get("epochs") else 0)
+    classes = results.get("classes")
+    self.log_dict(self.cfg.to_dict(), "config.json")
+    self.log_dict(results["per_class"], "per_class.json")
+    self.log_dict({k: v for k, v in results.items() if k not in ("confusion", "predictions", "labels")},
+                  "results.json")
+    self.log_dict({"classes": classes, "labels": results["labels"], "predictions": results["predictions"],
+                   "confusion": results["confusion"]}, "predictions.json")
+    self.log_figure(plot_confusion(results["confusion"], classes, title=f"{self.cfg.model}: confusion (test)"),
+                    "confusion.png")
+    if history:
+        self.log_dict(history, "history.json")
+        if history.get("epochs"):
+            self.log_figure(plot_learning_curves(history, title=f"{self.cfg.model}: learning curves"),
+                            "learning_curves.png")
+    if model is not None:
+        self.log_describe(model)
+        if self.cfg.log_model: self.log_model(model)
+    return m
+
+@patch
+def identity(self: Run) -> dict:
+    "Where the run is recorded and what it trained."
+    return {"run_id": self.id, "run_name": self.name, "experiment": self.experiment, "tracking_uri": self.tracking_uri,
+            "model": self.cfg.model, "dataset": self.cfg.dataset}
+
+@patch
+def summary(self: Run) -> dict:
+    "The run's identity and final metrics, as `run_experiment` returns them."
+    r = self.client.get_run(self.id)
+    return {**r.data.metrics, **self.identity(), "status": r.info.status}
 
 # %% ../nbs/06_tracking.ipynb #ed3476d2
 def _as_splits(s):
@@ -408,9 +437,7 @@ def _as_splits(s):
 def load_splits(cfg: TrainConfig):
     "The splits of `cfg.dataset` through the data layer's caches."
     from echoes.data import load
-    return load(cfg.dataset, cfg.data_root, fold=cfg.fold, frames=cfg.frames, frame_size=cfg.frame_size,
-                encoder=cfg.encoder, val_fraction=cfg.val_fraction, seed=cfg.seed, device=cfg.device,
-                num_workers=cfg.num_workers, **({"classes": cfg.classes} if cfg.dataset == "synthetic" else {}))
+    return load(**cfg.load_kwargs())
 
 def build_model(cfg: TrainConfig, input_size: int, num_classes: int) -> nn.Module:
     "`cfg.model` from the registry, with the hyperparameters that `cfg` sets."
@@ -418,6 +445,7 @@ def build_model(cfg: TrainConfig, input_size: int, num_classes: int) -> nn.Modul
     set_seed(cfg.seed)  # the initial weights of gradient models follow the seed too
     return create(cfg.model, input_size, num_classes, **cfg.model_hparams())
 
+# %% ../nbs/06_tracking.ipynb #edfe1cba
 def run_experiment(cfg: TrainConfig | dict | None = None, *, splits=None, model=None, tags: dict | None = None,
                    parent_run_id: str | None = None, **overrides) -> dict:
     "Data -> model -> fit -> evaluate -> MLflow + TensorBoard; the final metrics and the run's identity."
@@ -442,8 +470,7 @@ def run_experiment(cfg: TrainConfig | dict | None = None, *, splits=None, model=
         m = run.log_results(res, model, hist)
         log.info(f"{cfg.model}: test_acc={m['test_acc']:.4f} top5={m['test_top5']:.4f} "
                  f"train_time_s={m['train_time_s']:.2f} latency_ms={m['latency_ms']:.3f} (run {run.id})")
-        out = {**m, "run_id": run.id, "run_name": run.name, "experiment": run.experiment,
-               "tracking_uri": run.tracking_uri, "model": cfg.model, "dataset": cfg.dataset, "status": "FINISHED"}
+        out = {**m, **run.identity(), "status": "FINISHED"}
     return out
 
 # %% ../nbs/06_tracking.ipynb #bafc8746
@@ -460,6 +487,7 @@ def log_notebook(path: Path | str, run_id: str, tracking_uri: str | None = None,
     get_logger("echoes.tracking").info(f"logged notebook {path} to run {run_id} as notebook/{name}")
     return f"notebook/{name}"
 
+# %% ../nbs/06_tracking.ipynb #1e85b933
 def papermill_output_path(cmdline: list[str] | None = None, cwd: Path | str | None = None) -> Path | str | None:
     """The output notebook of the papermill CLI that started this kernel (its parent process), as an absolute
     path; '-' when it writes to stdout; None when the parent is not the papermill CLI or the output is remote."""
@@ -489,6 +517,7 @@ def papermill_output_path(cmdline: list[str] | None = None, cwd: Path | str | No
     p = Path(out).expanduser()
     return p if p.is_absolute() else Path(cwd or Path.cwd()) / p
 
+# %% ../nbs/06_tracking.ipynb #e2ffa739
 def log_executed_notebook(run_id: str, tracking_uri: str | None = None) -> str | None:
     "From the last cell of a notebook run by the papermill CLI: log its output notebook to `run_id`."
     log, out = get_logger("echoes.tracking"), papermill_output_path()
@@ -517,6 +546,7 @@ def wait_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = Non
         time.sleep(0.3)
     return False
 
+# %% ../nbs/06_tracking.ipynb #30a0a748
 class UI:
     "Running MLflow UI / TensorBoard processes: `.urls`, `.stop()`."
     def __init__(self): self.procs, self.urls = {}, {}
@@ -531,6 +561,7 @@ class UI:
     def __enter__(self): return self
     def __exit__(self, *a): self.stop()
 
+# %% ../nbs/06_tracking.ipynb #a435ca65
 def ui(tracking_uri: str | None = None, logdir: Path | str | None = None, *, host: str = "127.0.0.1",
        mlflow_port: int | None = 5000, tb_port: int | None = 6006, block: bool = True, timeout: float = 90) -> UI:
     "Serve the MLflow UI and TensorBoard on `host`, print their URLs, and (with `block`) stop both on Ctrl-C."

@@ -184,37 +184,50 @@ def test_cache_key_follows_files(ucf, tmp_path, runs):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
+    from pathlib import Path
     from echoes import data
+    job_name, root, kill_at, build = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     n = {"done": 0}
-    orig = data._decode_job
+    orig = getattr(data, job_name)
     def job(args):
         n["done"] += 1
-        if n["done"] == int(sys.argv[2]): os.kill(os.getpid(), signal.SIGKILL)
+        if n["done"] == kill_at: os.kill(os.getpid(), signal.SIGKILL)
         return orig(args)
-    data._decode_job = job
-    ents = data.index(sys.argv[1], 1, "train") + data.index(sys.argv[1], 1, "test")
-    data.clip_cache(ents, sys.argv[1], 6, 16, num_workers=0, checkpoint_s=0.0)
+    setattr(data, job_name, job)
+    exec(build)
 """)
 
 
-def test_killed_build_is_never_trusted_and_resumes(ucf, tmp_path, runs):
-    r = subprocess.run([sys.executable, "-c", KILLER, str(ucf), "15"], env={**os.environ}, capture_output=True,
-                       check=False)
+def kill_during_build(runs: Path, job_name: str, root: Path, kill_at: int, build: str) -> Path:
+    "Run the statement `build` in a child that SIGKILLs itself at its `kill_at`-th decode job; the partial folder."
+    r = subprocess.run([sys.executable, "-c", KILLER, job_name, str(root), str(kill_at), build], env={**os.environ},
+                       capture_output=True, check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
     base = runs / "cache" / "clips"
     partial = list(base.glob("*.partial"))
     assert len(partial) == 1 and not [p for p in base.iterdir() if p.is_dir() and not p.name.endswith(".partial")]
-    done = (np.load(partial[0] / "status.npy") > 0).sum()
+    return partial[0]
+
+
+def fresh_build(tmp_path: Path, runs: Path, build):
+    "`build()` with an empty runs folder, for comparison with a resumed build."
+    os.environ["ECHOES_RUNS"] = str(tmp_path / "fresh")
+    try:
+        return build()
+    finally:
+        os.environ["ECHOES_RUNS"] = str(runs)
+
+
+def test_killed_build_is_never_trusted_and_resumes(ucf, tmp_path, runs):
+    partial = kill_during_build(runs, "_decode_job", ucf, 15, "ents = data.index(root, 1, 'train') + "
+                                "data.index(root, 1, 'test'); data.clip_cache(ents, root, 6, 16, num_workers=0, "
+                                "checkpoint_s=0.0)")
+    done = (np.load(partial / "status.npy") > 0).sum()
     assert 0 < done < 24  # some work was checkpointed, not all
     ents = index(ucf, 1, "train") + index(ucf, 1, "test")
     resumed = clip_cache(ents, ucf, 6, 16, num_workers=0)
-    assert not partial[0].exists() and resumed.ok.all()
-    fresh_runs = tmp_path / "fresh"
-    os.environ["ECHOES_RUNS"] = str(fresh_runs)
-    try:
-        fresh = clip_cache(ents, ucf, 6, 16, num_workers=0)
-    finally:
-        os.environ["ECHOES_RUNS"] = str(runs)
+    assert not partial.exists() and resumed.ok.all()
+    fresh = fresh_build(tmp_path, runs, lambda: clip_cache(ents, ucf, 6, 16, num_workers=0))
     assert fresh.key == resumed.key
     np.testing.assert_array_equal(np.asarray(resumed.clips), np.asarray(fresh.clips))
     np.testing.assert_array_equal(resumed.lengths, fresh.lengths)
@@ -277,9 +290,9 @@ def test_cifar10_rows_and_patches(tmp_path, runs):
         load("cifar10", tmp_path / "none", download=False)
 
 
-def test_frame_folders(tmp_path, runs):
+def write_frame_folders(root: Path) -> Path:
+    "Six folders of 10 JPEGs (video0-3 train, video4-5 test), a missing folder listed, video5 with a broken frame."
     from PIL import Image
-    root = tmp_path / "frames"
     lines = {"train": [], "test": []}
     rng = np.random.default_rng(0)
     for v in range(6):
@@ -293,11 +306,45 @@ def test_frame_folders(tmp_path, runs):
     lines["train"].append("video5 1 10 1")
     for k, v in lines.items():
         (root / f"{k}.txt").write_text("\n".join(v) + "\n")
+    return root
+
+
+def test_frame_folders(tmp_path, runs):
+    root = write_frame_folders(tmp_path / "frames")
     s = load("frames", root, frames=5, frame_size=16, val_fraction=None)
     assert len(s.train) == 4 and len(s.test) == 1  # video5 (broken) is skipped in both lists
     assert s.train.X.shape == (4, 5, 64)
     reasons = [d["reason"] for d in s.info["skipped"]]
     assert any("not found" in r for r in reasons) and any("img_00004.jpg" in r for r in reasons)
+
+
+FRAMES_BUILD = ("data._frames_cache(data.read_annotations(root / 'train.txt', root)[0], root, 5, 16, "
+                "'img_{:05d}.jpg', checkpoint_s=0.0)")
+
+
+def test_killed_frame_folder_build_resumes(tmp_path, runs):
+    "Frame folders build through the same resumable clip cache builder as videos."
+    root = write_frame_folders(tmp_path / "frames")
+    partial = kill_during_build(runs, "_frame_job", root, 3, FRAMES_BUILD)
+    assert (np.load(partial / "status.npy") > 0).sum() == 2
+    ents = data.read_annotations(root / "train.txt", root)[0]
+    resumed = data._frames_cache(ents, root, 5, 16, "img_{:05d}.jpg")
+    assert not partial.exists() and resumed.ok.tolist() == [True] * 4 + [False]
+    assert "img_00004.jpg" in resumed.skipped[0]["reason"]
+    fresh = fresh_build(tmp_path, runs, lambda: data._frames_cache(ents, root, 5, 16, "img_{:05d}.jpg"))
+    assert fresh.key == resumed.key
+    np.testing.assert_array_equal(np.asarray(resumed.clips), np.asarray(fresh.clips))
+
+
+def test_unfinished_synthetic_dataset_is_regenerated(runs):
+    root = data.synthetic_root(classes=2, clips_per_class=4, frames=4, size=8)
+    clip = root / "MoveLeft/v_MoveLeft_g02_c01.avi"
+    before = clip.read_bytes()
+    (root / "synthetic.json").unlink()  # as if the generation had been killed before its last file
+    clip.write_bytes(before[:100])
+    assert data.synthetic_root(classes=2, clips_per_class=4, frames=4, size=8) == root
+    assert (root / "synthetic.json").exists() and clip.read_bytes() == before
+    assert not list(root.parent.glob("*.partial"))
 
 
 def test_arrays(runs):

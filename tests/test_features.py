@@ -68,7 +68,17 @@ def test_feature_cache_reuse_and_skipped_rows(clips, runs):
     assert b.key == a.key and (b.path / "features.npy").stat().st_mtime_ns == mtime  # read, not rebuilt
     assert feature_cache(Clips(clips, key="other"), "pixels", device="cpu").key != a.key
     assert feature_cache(Clips(clips), "pixels", device="cpu", size=16).key != a.key
-    assert not list(runs.glob("cache/features/.*"))  # no temporary folders left behind
+    assert not list(runs.glob("cache/features/*.partial"))  # no build folders left behind
+
+
+def test_unfinished_feature_cache_is_rebuilt(clips, runs):
+    a = feature_cache(Clips(clips), "pixels", device="cpu")
+    good = np.asarray(a.features).copy()
+    (a.path / "meta.json").unlink()  # as if the build had been killed before its last file
+    np.lib.format.open_memmap(a.path / "features.npy", "w+", np.float16, good.shape).flush()  # zeros
+    b = feature_cache(Clips(clips), "pixels", device="cpu")
+    assert b.path == a.path and (b.path / "meta.json").exists()
+    np.testing.assert_array_equal(np.asarray(b.features), good)
 
 
 def test_unknown_encoder():

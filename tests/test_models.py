@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from echoes.core import count_params, toy_sequences
 from echoes.esn import (
     DeepESN,
     Reservoir,
@@ -18,9 +19,8 @@ from echoes.esn import (
     batches_of,
     init_reservoir,
     spectral_radius,
-    toy_temporal_task,
 )
-from echoes.models import HPARAMS, MODELS, create, size_table, total_params, trainable_params
+from echoes.models import HPARAMS, MODELS, create, size_table
 from echoes.rnn import RecurrentClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_interface(name):
     assert m(x).shape == (4, C)  # lengths default to the full T
     assert m.closed_form is (name in ("esn", "deep_esn"))
     d = m.describe()
-    assert d["trainable_params"] == trainable_params(m) and d["total_params"] == total_params(m)
+    assert (d["trainable_params"], d["total_params"]) == count_params(m)
     assert all({"name", "type", "in", "out", "trainable", "frozen"} <= set(layer) for layer in d["layers"])
     json.dumps(d)  # an artifact: must serialise
     if m.closed_form: assert callable(m.fit_readout)
@@ -93,7 +93,7 @@ def test_rnn_is_elman_and_deep_rnn_is_stacked():
 
 
 def _toy(n, seed, **kw):
-    return toy_temporal_task(n, seed=seed, min_len=8, **kw)
+    return toy_sequences(n, seed=seed, min_len=8, **kw)
 
 
 def test_esn_learns_temporal_task_where_mean_fails():
@@ -231,7 +231,8 @@ def test_reservoir_weights_are_buffers():
         bufs = dict(m.named_buffers())
         assert bufs and all(k.rsplit(".", 1)[-1] in ("W", "W_in", "b") for k in bufs)
         assert all(k in m.state_dict() for k in bufs)
-        assert total_params(m) == trainable_params(m) + sum(b.numel() for b in bufs.values())
+        trainable, total = count_params(m)
+        assert total == trainable + sum(b.numel() for b in bufs.values())
         m2 = m.to(torch.float64)
         assert all(b.dtype == torch.float64 for b in m2.buffers())
 
@@ -286,7 +287,7 @@ def test_chunking_bounds_memory_without_changing_results():
 def test_sgd_readout_ablation():
     tr, va = _toy(300, 0), _toy(200, 1)
     m = create("esn", 6, 4, hidden_size=80, readout_training="sgd", seed=0)
-    assert m.closed_form is False and trainable_params(m) == 80 * 2 * 4 + 4
+    assert m.closed_form is False and count_params(m)[0] == 80 * 2 * 4 + 4
     opt = torch.optim.Adam(m.parameters(), lr=0.02)
     for _ in range(40):
         for x, lens, y in batches_of(*tr, 100):

@@ -12,13 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
-import numpy as np
 import pytest
 import torch
 from services import MLflowServer
 
-from echoes.tracking import EPOCH_METRICS, client, run_experiment, start_run, ui
-from echoes.train import TrainConfig
+from echoes.core import toy_sequences
+from echoes.tracking import client, run_experiment, start_run, ui
+from echoes.train import EPOCH_METRICS, TrainConfig
 
 torch.set_num_threads(1)
 FINAL = ("test_acc", "test_top5", "train_time_s", "latency_ms", "throughput_cps", "peak_mem_mb",
@@ -27,13 +27,9 @@ TAGS = ("echoes.model", "echoes.dataset", "echoes.git_commit", "echoes.git_dirty
         "echoes.device", "echoes.data_fingerprint", "echoes.feature_cache", "echoes.skipped")
 
 
-def toy(n, t=10, d=4, k=3, seed=0):
+def toy(n, seed=0):
     "Class c: a bump on feature 0 at steps 3c..3c+2; only a model with memory of order tells them apart."
-    g = np.random.default_rng(seed)
-    y = g.integers(0, k, n)
-    X = g.normal(0, .3, (n, t, d)).astype(np.float32)
-    for i, c in enumerate(y): X[i, c * 3:c * 3 + 3, 0] += 1
-    return X, y
+    return toy_sequences(n, num_classes=3, T=10, D=4, seed=seed, task="position")
 
 
 class Splits:
@@ -85,7 +81,7 @@ def test_gradient_run_logged_to_mlflow_and_tensorboard():
     mlflow.set_tracking_uri(res["tracking_uri"])
     try: m = mlflow.pytorch.load_model(f"runs:/{res['run_id']}/model")
     finally: mlflow.set_tracking_uri(None)  # also unsets $MLFLOW_TRACKING_URI, which echoes would follow
-    X, _ = toy(4, seed=9)
+    X = toy(4, seed=9)[0]
     assert m(torch.from_numpy(X), torch.full((4,), 10)).shape == (4, 3)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
