@@ -11,31 +11,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import fmt_value, get_logger, kernel_config, project_root, runs_dir, safe_name
-from .tracking import client, resolve_tracking_uri
+from .models import MODELS
+from .tracking import client, resolve_tracking_uri, search_all
+from .train import EPOCH_METRICS, config_fields
 
 # %% auto #0
-__all__ = ['SUMMARY_METRICS', 'NON_CONFIG', 'MODEL_ORDER', 'TEST_DESCRIPTION', 'EPOCH_METRICS', 'PALETTE', 'LOCAL_UI',
-           'search_all', 'resolve', 'runs', 'varied_params', 'add_config', 't_interval', 'holm', 'welch',
-           'select_configs', 'summary', 'format_summary', 'to_markdown', 'history', 'per_class', 'architectures',
-           'pareto_front', 'plot_tradeoff', 'plot_tradeoffs', 'plot_learning_curves', 'plot_per_class', 'esn_grids',
-           'plot_esn_grid', 'plot_architecture', 'plot_architectures', 'ui_base', 'run_url', 'runs_table',
-           'dashboard_notebook', 'to_html', 'serve_page', 'dashboard']
+__all__ = ['SUMMARY_METRICS', 'NON_CONFIG', 'TEST_DESCRIPTION', 'CURVE_METRICS', 'PALETTE', 'LOCAL_UI', 'resolve',
+           'varied_params', 'add_config', 'runs', 't_interval', 'holm', 'welch', 'select_configs', 'summary',
+           'format_summary', 'to_markdown', 'history', 'per_class', 'architectures', 'pareto_front', 'plot_tradeoff',
+           'plot_tradeoffs', 'plot_learning_curves', 'plot_per_class', 'esn_grids', 'plot_esn_grid',
+           'plot_architecture', 'plot_architectures', 'ui_base', 'run_url', 'runs_table', 'dashboard_notebook',
+           'to_html', 'serve_page', 'dashboard']
 
-# %% ../nbs/07_compare.ipynb #a5979c2c
+# %% ../nbs/07_compare.ipynb #fcb261e7
 SUMMARY_METRICS = ("test_acc", "train_time_s", "latency_ms", "peak_mem_mb", "trainable_params")
-# Params that say where or how a run was recorded, not what it computed.
-NON_CONFIG = ("seed", "run_name", "run_id", "tracking_uri", "experiment", "device", "num_workers", "progress",
-              "log_model", "tensorboard", "data_root")
-MODEL_ORDER = ("esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean")
+# Params that are not a configuration's label: where and how a run was recorded, the model (its own column), the seed
+# (replicas of one configuration) and data_root (where the data lies on one machine). A dataset stays in the label,
+# so runs on two datasets in one experiment are never pooled.
+NON_CONFIG = (*config_fields("record", "runtime"), "model", "seed", "data_root")
 
-def search_all(c, experiment_ids: list[str], filter_string: str = "") -> list:
-    "Every run matching `filter_string` (following MLflow's pages)."
-    out, token = [], None
-    while True:
-        page = c.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        out += list(page); token = page.token
-        if not token: return out
-
+# %% ../nbs/07_compare.ipynb #37d95f10
 def _is_run_id(s: str) -> bool: return bool(re.fullmatch(r"[0-9a-f]{32}", str(s)))
 
 def resolve(experiment_or_parent: str, tracking_uri: str | None = None) -> dict:
@@ -55,6 +50,7 @@ def resolve(experiment_or_parent: str, tracking_uri: str | None = None) -> dict:
                          f"experiments: {', '.join(names) or '(none)'}")
     return dict(experiment_id=e.experiment_id, experiment=e.name, parent_run_id=None)
 
+# %% ../nbs/07_compare.ipynb #1e3dff46
 def _num(v):
     if not isinstance(v, str): return v
     if v in ("None", ""): return None
@@ -64,7 +60,33 @@ def _num(v):
     try: return float(v)
     except ValueError: return v
 
-# %% ../nbs/07_compare.ipynb #7192cdb9
+# %% ../nbs/07_compare.ipynb #097fa8c2
+def varied_params(df: pd.DataFrame, model: str | None = None) -> list[str]:
+    "The param names (without `param.`) whose values differ among the runs (of `model`), the seed aside."
+    d = df if model is None else df[df["model"] == model]
+    cols = [c for c in d.columns if c.startswith("param.") and c[6:] not in NON_CONFIG]
+    return [c[6:] for c in cols if d[c].dropna().astype(str).nunique() > 1]
+
+# %% ../nbs/07_compare.ipynb #d15f05a8
+def add_config(df: pd.DataFrame) -> pd.DataFrame:
+    "Add `config`: the model and the values of its varied hyperparameters, e.g. `esn (leak=0.3, spectral_radius=0.9)`."
+    df = df.copy()
+    if df.empty: df["config"] = pd.Series(dtype=str); return df
+    def label(row, names):
+        vals = ", ".join(f"{k}={fmt_value(row[f'param.{k}'])}" for k in names)
+        return f"{row['model']} ({vals})" if vals else row["model"]
+    names = {m: varied_params(df, m) for m in df["model"].unique()}
+    df["config"] = [label(r, names[r["model"]]) for _, r in df.iterrows()]
+    return df
+
+# %% ../nbs/07_compare.ipynb #954d6430
+def _model_key(s: pd.Series):
+    "Sort models in the canonical order (others after them, alphabetically)."
+    if s.name != "model": return s
+    order = [*MODELS, *sorted(set(s) - set(MODELS))]
+    return s.map(order.index)
+
+# %% ../nbs/07_compare.ipynb #18e9a5bd
 def runs(experiment_or_parent: str, tracking_uri: str | None = None) -> pd.DataFrame:
     "One row per run of an experiment (name or id) or of a sweep (its parent run id), from the MLflow API."
     where, c = resolve(experiment_or_parent, tracking_uri), client(tracking_uri)
@@ -87,30 +109,7 @@ def runs(experiment_or_parent: str, tracking_uri: str | None = None) -> pd.DataF
     df.attrs.update(tracking_uri=resolve_tracking_uri(tracking_uri), **where)
     return df
 
-def _model_key(s: pd.Series):
-    "Sort models in the canonical order (others after them, alphabetically)."
-    if s.name != "model": return s
-    order = [*MODEL_ORDER, *sorted(set(s) - set(MODEL_ORDER))]
-    return s.map(order.index)
-
-def varied_params(df: pd.DataFrame, model: str | None = None) -> list[str]:
-    "The param names (without `param.`) whose values differ among the runs (of `model`), the seed aside."
-    d = df if model is None else df[df["model"] == model]
-    cols = [c for c in d.columns if c.startswith("param.") and c[6:] not in (*NON_CONFIG, "model")]
-    return [c[6:] for c in cols if d[c].dropna().astype(str).nunique() > 1]
-
-def add_config(df: pd.DataFrame) -> pd.DataFrame:
-    "Add `config`: the model and the values of its varied hyperparameters, e.g. `esn (leak=0.3, spectral_radius=0.9)`."
-    df = df.copy()
-    if df.empty: df["config"] = pd.Series(dtype=str); return df
-    def label(row, names):
-        vals = ", ".join(f"{k}={fmt_value(row[f'param.{k}'])}" for k in names)
-        return f"{row['model']} ({vals})" if vals else row["model"]
-    names = {m: varied_params(df, m) for m in df["model"].unique()}
-    df["config"] = [label(r, names[r["model"]]) for _, r in df.iterrows()]
-    return df
-
-# %% ../nbs/07_compare.ipynb #b92e4fa5
+# %% ../nbs/07_compare.ipynb #50875cde
 def t_interval(x, confidence: float = 0.95) -> tuple[float, float, int]:
     "Mean, half-width of the Student t confidence interval, and n (half-width NaN when n < 2)."
     from scipy import stats
@@ -120,6 +119,7 @@ def t_interval(x, confidence: float = 0.95) -> tuple[float, float, int]:
     if n == 1: return float(x[0]), math.nan, 1
     return float(x.mean()), float(stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)), n
 
+# %% ../nbs/07_compare.ipynb #756ef562
 def holm(pvalues) -> np.ndarray:
     "Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a comparison)."
     p = np.asarray(pvalues, dtype=float)
@@ -131,6 +131,7 @@ def holm(pvalues) -> np.ndarray:
         out[i] = running
     return out
 
+# %% ../nbs/07_compare.ipynb #c9c37944
 def welch(a, b) -> float:
     "Two-sided p-value of Welch's t-test; 1 for identical constant samples; NaN when undefined (< 2 values, no variance)."
     from scipy import stats
@@ -141,12 +142,7 @@ def welch(a, b) -> float:
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
-# %% ../nbs/07_compare.ipynb #027f53ff
-TEST_DESCRIPTION = ("Welch's two-sided t-test (unequal variances) of test accuracy over seeds, each architecture "
-                    "against the best one (highest mean test accuracy); p-values Holm-corrected across the "
-                    "comparisons; significant = worse than the best at alpha = {alpha}. Confidence intervals: "
-                    "Student t, {conf:.0%}, over seeds.")
-
+# %% ../nbs/07_compare.ipynb #402e957d
 def select_configs(df: pd.DataFrame, select: str = "val_acc") -> pd.DataFrame:
     "The FINISHED runs of each model's best configuration by mean `select` (validation accuracy by default)."
     d = df[df["status"] == "FINISHED"] if "status" in df else df
@@ -155,6 +151,12 @@ def select_configs(df: pd.DataFrame, select: str = "val_acc") -> pd.DataFrame:
     best = d.groupby(["model", "config"])[key].mean().reset_index()
     best = best.sort_values(key, ascending=False).drop_duplicates("model")
     return d[d["config"].isin(best["config"])]
+
+# %% ../nbs/07_compare.ipynb #ec7d9cdc
+TEST_DESCRIPTION = ("Welch's two-sided t-test (unequal variances) of test accuracy over seeds, each architecture "
+                    "against the best one (highest mean test accuracy); p-values Holm-corrected across the "
+                    "comparisons; significant = worse than the best at alpha = {alpha}. Confidence intervals: "
+                    "Student t, {conf:.0%}, over seeds.")
 
 def summary(df: pd.DataFrame, metrics=SUMMARY_METRICS, select: str = "val_acc", confidence: float = 0.95,
             alpha: float = 0.05) -> pd.DataFrame:
@@ -183,7 +185,7 @@ def summary(df: pd.DataFrame, metrics=SUMMARY_METRICS, select: str = "val_acc", 
     s.attrs["select"] = select
     return s
 
-# %% ../nbs/07_compare.ipynb #693a8790
+# %% ../nbs/07_compare.ipynb #453badd8
 _LABELS = {"test_acc": "test accuracy", "train_time_s": "train time (s)", "latency_ms": "latency (ms/clip)",
            "peak_mem_mb": "peak memory (MiB)", "trainable_params": "trainable params"}
 
@@ -204,6 +206,7 @@ def format_summary(s: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
     out.attrs = dict(s.attrs)
     return out
 
+# %% ../nbs/07_compare.ipynb #55327c43
 def to_markdown(t: pd.DataFrame) -> str:
     "A GitHub markdown table of `t` (no index)."
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
@@ -211,10 +214,10 @@ def to_markdown(t: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in t.itertuples(index=False)]
     return "\n".join(lines)
 
-# %% ../nbs/07_compare.ipynb #18bc7b08
-EPOCH_METRICS = ("train_loss", "val_loss", "train_acc", "val_acc")
+# %% ../nbs/07_compare.ipynb #a60d475d
+CURVE_METRICS = tuple(m for kind in ("loss", "acc") for m in EPOCH_METRICS if m.endswith(f"_{kind}"))
 
-def history(df: pd.DataFrame, metrics=EPOCH_METRICS, tracking_uri: str | None = None) -> pd.DataFrame:
+def history(df: pd.DataFrame, metrics=CURVE_METRICS, tracking_uri: str | None = None) -> pd.DataFrame:
     "Long table `run_id, model, config, seed, metric, step, value` of the per-epoch metrics (steps >= 1)."
     c, rows = client(tracking_uri or df.attrs.get("tracking_uri")), []
     for r in df[df["status"] == "FINISHED"].itertuples():
@@ -224,6 +227,7 @@ def history(df: pd.DataFrame, metrics=EPOCH_METRICS, tracking_uri: str | None = 
                     rows.append((r.run_id, r.model, r.config, r.seed, k, h.step, h.value))
     return pd.DataFrame(rows, columns=["run_id", "model", "config", "seed", "metric", "step", "value"])
 
+# %% ../nbs/07_compare.ipynb #d7a3cf60
 def _artifact_json(c, run_id: str, name: str):
     with tempfile.TemporaryDirectory() as d:
         try: p = c.download_artifacts(run_id, name, d)
@@ -238,6 +242,7 @@ def _per_class_dict(pc) -> dict:
         return dict(zip(map(str, pc["classes"]), vals))
     return {str(k): (v.get("accuracy", v.get("acc")) if isinstance(v, dict) else v) for k, v in (pc or {}).items()}
 
+# %% ../nbs/07_compare.ipynb #7d15da7b
 def per_class(df: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame:
     "Per-class test accuracy: one row per config (mean over its seeds), one column per class."
     c, rows = client(tracking_uri or df.attrs.get("tracking_uri")), []
@@ -250,6 +255,7 @@ def per_class(df: pd.DataFrame, tracking_uri: str | None = None) -> pd.DataFrame
     return t.pivot_table(index="config", columns="class", values="accuracy", aggfunc="mean", sort=False).reindex(
         [o for o in order if o in set(t["config"])])
 
+# %% ../nbs/07_compare.ipynb #21c610af
 def architectures(df: pd.DataFrame, tracking_uri: str | None = None) -> dict[str, dict]:
     "`describe.json` of one FINISHED run per model (of its selected config), keyed by model."
     c, out = client(tracking_uri or df.attrs.get("tracking_uri")), {}
@@ -275,7 +281,7 @@ def pareto_front(x, y) -> list[int]:
         if y[i] > best: front.append(i); best = y[i]
     return front
 
-# %% ../nbs/07_compare.ipynb #0b90e583
+# %% ../nbs/07_compare.ipynb #79e6d894
 def _log_x(ax) -> None:
     "A log x axis labelled at 1, 2, 5 × 10^k in plain numbers (the default labels collide within one decade)."
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -293,6 +299,7 @@ def _zoom(acc, ci, gap: float = 0.25):
     pad = max(0.01, 0.15 * (hi - lo))
     return lo - pad, min(1.0 + pad / 2, hi + pad)
 
+# %% ../nbs/07_compare.ipynb #89b03f38
 def plot_tradeoff(df: pd.DataFrame, x: str = "trainable_params", ax=None, select: str = "val_acc", zoom: bool = True):
     """Test accuracy against `x` (log axis) per architecture, CI error bars over seeds, Pareto front dashed.
     With `zoom`, the y axis spans the leading group, and architectures far below it (the control) sit on the
@@ -322,6 +329,7 @@ def plot_tradeoff(df: pd.DataFrame, x: str = "trainable_params", ax=None, select
     ax.grid(alpha=0.3, which="both")
     return ax
 
+# %% ../nbs/07_compare.ipynb #752a8d05
 def plot_tradeoffs(df: pd.DataFrame, select: str = "val_acc"):
     "Accuracy against trainable parameters and against train time, side by side."
     import matplotlib.pyplot as plt
@@ -334,7 +342,7 @@ def plot_tradeoffs(df: pd.DataFrame, select: str = "val_acc"):
     return fig
 
 # %% ../nbs/07_compare.ipynb #46e5f857
-def plot_learning_curves(hist: pd.DataFrame, metrics=EPOCH_METRICS):
+def plot_learning_curves(hist: pd.DataFrame, metrics=CURVE_METRICS):
     "Per-epoch metrics, one panel per metric, one line per config (mean over seeds, 95% CI band)."
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -363,12 +371,13 @@ def plot_per_class(pc: pd.DataFrame, ax=None):
     ax.set_xlabel("class"); ax.set_ylabel(""); ax.set_title("per-class test accuracy (mean over seeds)")
     return ax.figure
 
-# %% ../nbs/07_compare.ipynb #14f7fb7f
+# %% ../nbs/07_compare.ipynb #07c75f5e
 def esn_grids(df: pd.DataFrame, x: str = "leak", y: str = "spectral_radius") -> list[str]:
     "The reservoir models whose runs vary both `x` and `y`."
     d = df[df["status"] == "FINISHED"]
     return [m for m in d["model"].unique() if "esn" in m and {x, y} <= set(varied_params(d, m))]
 
+# %% ../nbs/07_compare.ipynb #79053cd6
 def plot_esn_grid(df: pd.DataFrame, x: str = "leak", y: str = "spectral_radius", metrics=("val_acc", "test_acc")):
     "Heatmaps of mean accuracy over the `y` × `x` grid of each reservoir model that varies both; None if none."
     import matplotlib.pyplot as plt
@@ -386,13 +395,14 @@ def plot_esn_grid(df: pd.DataFrame, x: str = "leak", y: str = "spectral_radius",
     fig.tight_layout()
     return fig
 
-# %% ../nbs/07_compare.ipynb #072544a6
+# %% ../nbs/07_compare.ipynb #a57dff50
 def _human(n) -> str:
     n = float(n or 0)
     for unit, div in (("M", 1e6), ("k", 1e3)):
         if n >= div: return f"{n / div:.3g}{unit}"
     return f"{n:.0f}"
 
+# %% ../nbs/07_compare.ipynb #2e4ace56
 def plot_architecture(desc: dict, ax=None, title: str | None = None):
     "One model's layers left to right: name, type, in→out sizes, trainable/frozen parameters."
     import matplotlib.pyplot as plt
@@ -420,6 +430,7 @@ def plot_architecture(desc: dict, ax=None, title: str | None = None):
                  fontsize=9, loc="left")
     return ax
 
+# %% ../nbs/07_compare.ipynb #99665356
 def plot_architectures(descs: dict[str, dict]):
     "`plot_architecture` for every model, stacked."
     import matplotlib.pyplot as plt
@@ -461,7 +472,7 @@ def runs_table(df: pd.DataFrame, base: str | None = None) -> str:
         if c in t: t[c] = t[c].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}")
     return t.to_html(escape=False, index=False, classes="echoes-runs", border=0)
 
-# %% ../nbs/07_compare.ipynb #a9e7c1e0
+# %% ../nbs/07_compare.ipynb #e89c0325
 # nbconvert's lab template, less the scripts it would fetch from a CDN (require.js, MathJax, mermaid, Jupyter
 # widgets): the page must work offline and load with no console errors.
 _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
@@ -478,6 +489,7 @@ def dashboard_notebook() -> Path:
         raise FileNotFoundError("nbs/dashboard.ipynb not found: run from the echoes project")
     return p
 
+# %% ../nbs/07_compare.ipynb #025e76e2
 def to_html(nb_path: Path | str, out: Path | str) -> Path:
     "Convert an executed notebook to one self-contained HTML page without input cells."
     import jinja2, nbformat
@@ -498,6 +510,7 @@ def to_html(nb_path: Path | str, out: Path | str) -> Path:
     tmp = out.with_name(f".{out.name}.part"); tmp.write_text(body, encoding="utf-8"); os.replace(tmp, out)
     return out
 
+# %% ../nbs/07_compare.ipynb #ad9dc2f7
 def serve_page(path: Path | str, port: int = 8000, host: str = "127.0.0.1") -> None:
     "Serve `path`'s folder on `host:port` until Ctrl-C, printing the page's URL."
     path = Path(path)
@@ -506,6 +519,7 @@ def serve_page(path: Path | str, port: int = 8000, host: str = "127.0.0.1") -> N
         print(f"serving http://{host}:{httpd.server_address[1]}/{path.name}  (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt): httpd.serve_forever()
 
+# %% ../nbs/07_compare.ipynb #71b95eb7
 def dashboard(tracking_uri: str | None = None, experiment: str | None = None, parent: str | None = None,
               serve: bool = False, *, port: int = 8000, ui: str | None = None, out: Path | str | None = None) -> Path:
     "Execute `nbs/dashboard.ipynb` on an experiment or a sweep's parent run; write one HTML page; return its path."

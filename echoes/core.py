@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
@@ -179,19 +180,23 @@ class SeqData:
     @property
     def input_size(self) -> int: return self.X.shape[2]
 
-    def subset(self, idx) -> SeqData:
-        "The sequences at `idx`, sharing classes and info."
-        return SeqData(self.X[idx], self.y[idx], self.lengths[idx], self.classes, self.info)
+# %% ../nbs/00_core.ipynb #35492a33
+@patch
+def subset(self: SeqData, idx) -> SeqData:
+    "The sequences at `idx`, sharing classes and info."
+    return SeqData(self.X[idx], self.y[idx], self.lengths[idx], self.classes, self.info)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
-        "Yield `(x, lengths, y)` torch batches, trimmed to the longest sequence in each batch."
-        order = torch.randperm(len(self), generator=generator).numpy() if shuffle else np.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = np.sort(order[i:i + batch_size]) if not shuffle else order[i:i + batch_size]
-            lens = self.lengths[idx]
-            x = np.asarray(self.X[idx, :lens.max()], dtype=np.float32)
-            yield torch.from_numpy(x), torch.from_numpy(lens), torch.from_numpy(self.y[idx])
+@patch
+def batches(self: SeqData, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+    "Yield `(x, lengths, y)` torch batches, trimmed to the longest sequence in each batch."
+    order = torch.randperm(len(self), generator=generator).numpy() if shuffle else np.arange(len(self))
+    for i in range(0, len(self), batch_size):
+        idx = np.sort(order[i:i + batch_size]) if not shuffle else order[i:i + batch_size]
+        lens = self.lengths[idx]
+        x = np.asarray(self.X[idx, :lens.max()], dtype=np.float32)
+        yield torch.from_numpy(x), torch.from_numpy(lens), torch.from_numpy(self.y[idx])
 
+# %% ../nbs/00_core.ipynb #9a62f7d4
 def as_seqdata(data, classes: list[str] | None = None) -> SeqData:
     "Turn `SeqData`, `(X, y)` or `(X, y, lengths)` into `SeqData` (X a list of (T_i, D) arrays or (N, T, D))."
     if isinstance(data, SeqData): return data

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from echoes.compare import client, dashboard
-from echoes.sweep import run_sweep, trials
+from echoes.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -69,7 +69,7 @@ def test_dashboard_in_chromium(page, tmp_path):
     from services import free_port
     from playwright.sync_api import sync_playwright
     uri, s, out = page
-    models = sorted({t["model"] for t in trials(ROOT / "sweeps" / "smoke.yaml")})
+    models = sorted(load_sweep(ROOT / "sweeps" / "smoke.yaml").models)
     proc, url = _serve(out, free_port())
     errors = []
     try:
