@@ -14,10 +14,14 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb', 'stable_hash',
-           'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir', 'kernel_config',
-           'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params', 'describe_summary',
-           'toy_sequences']
+__all__ = ['ConfigError', 'project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb',
+           'stable_hash', 'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir',
+           'kernel_config', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params',
+           'describe_summary', 'toy_sequences']
+
+# %% ../nbs/00_core.ipynb #2ca1e5eb
+class ConfigError(ValueError):
+    "A bad parameter value or name; the message names the parameter and what it accepts."
 
 # %% ../nbs/00_core.ipynb #d9411469
 def project_root(start: Path | None = None) -> Path | None:

@@ -6,17 +6,18 @@ hyperparameter names with clear errors, parameter counts, and the default sizes 
 # %% ../nbs/04b_models.ipynb #14444b22
 from __future__ import annotations
 
+import math
 import numbers
 
 from torch import nn
 
-from .core import count_params
+from .core import ConfigError, count_params
 
 from .esn import READOUTS, DeepESN, SimpleESN
 from .rnn import DeepRNN, GRUClassifier, LSTMClassifier, MeanControl, SimpleRNN
 
 # %% auto #0
-__all__ = ['MODELS', 'ACCEPTS', 'HPARAMS', 'ORIGIN_RANGES', 'create', 'size_table']
+__all__ = ['MODELS', 'ACCEPTS', 'HPARAMS', 'ORIGIN_RANGES', 'check_hparam', 'weight_bytes', 'check_fits', 'create', 'size_table']
 
 # %% ../nbs/04b_models.ipynb #765634c6
 MODELS = ("esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean")
@@ -34,10 +35,11 @@ _CLASSES = {"esn": SimpleESN, "deep_esn": DeepESN, "rnn": SimpleRNN, "deep_rnn":
 def _values(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
-def _check(name: str, key: str, v):
-    "Raise a clear ValueError when hyperparameter `key` has a bad value `v`."
-    def bad(why): raise ValueError(f"{name}: {key}={v!r} {why}")
+def check_hparam(name: str, key: str, v):
+    "Raise a `ConfigError` naming the model, the hyperparameter and what it accepts when `v` is bad."
+    def bad(why): raise ConfigError(f"{name}: {key}={v!r} {why}")
     vals = _values(v)
+    if any(isinstance(x, float) and not math.isfinite(x) for x in vals): bad("must be a finite number")
     if key == "ridge":
         if not vals or any(not isinstance(r, numbers.Real) or r < 0 for r in vals): bad("must be a number >= 0 or a list of them")
         return
@@ -63,18 +65,47 @@ def _check(name: str, key: str, v):
             bad("must be an integer")
     if key == "num_layers" and name in ("deep_esn", "deep_rnn") and v < 2: bad(f"must be >= 2 for {name}")
 
+# %% ../nbs/04b_models.ipynb #ec37883b
+_GATES = {"rnn": 1, "deep_rnn": 1, "lstm": 4, "gru": 3}
+
+def _default(name: str, key: str):
+    "The default of constructor argument `key` of model `name`."
+    import inspect
+    return inspect.signature(_CLASSES[name].__init__).parameters[key].default
+
+def weight_bytes(name: str, input_size: int, num_classes: int, **hparams) -> int:
+    "About how many bytes building and training model `name` with `hparams` needs for its weights."
+    get = lambda k: hparams.get(k) if hparams.get(k) is not None else _default(name, k)
+    if name == "mean": return 4 * 4 * (input_size + 1) * num_classes
+    sizes = _values(get("hidden_size")); layers = get("num_layers") if "num_layers" in ACCEPTS[name] else 1
+    sizes = sizes * layers if len(sizes) == 1 else sizes
+    if name in ("esn", "deep_esn"):
+        ins = [input_size, *sizes[:-1]]
+        return sum(8 * n * n + 4 * n * d for n, d in zip(sizes, ins)) + 8 * (sum(sizes) * 2 + 1) ** 2
+    g, ins = _GATES[name], [input_size, *sizes[:-1]]
+    return 4 * 4 * (sum(g * (h * d + h * h + 2 * h) for h, d in zip(sizes, ins)) + 2 * sizes[-1] * num_classes)
+
+def check_fits(name: str, input_size: int, num_classes: int, **hparams) -> None:
+    "Raise `ConfigError` when model `name` would need more memory for its weights than this machine has free."
+    import psutil
+    need, free = weight_bytes(name, input_size, num_classes, **hparams), psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"{name}: {', '.join(f'{k}={v}' for k, v in hparams.items() if k in ('hidden_size', 'num_layers'))} "
+                          f"needs about {need / 2**30:.1f} GiB for its weights; {free / 2**30:.1f} GiB are free")
+
 # %% ../nbs/04b_models.ipynb #ea68dd2b
 def create(name: str, input_size: int, num_classes: int, **hparams) -> nn.Module:
     "Build model `name` (one of `MODELS`) for `input_size` features and `num_classes` classes."
-    if name not in MODELS: raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    if name not in MODELS: raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     unknown = sorted(set(hparams) - set(HPARAMS))
-    if unknown: raise ValueError(f"unknown hyperparameter(s) {unknown}; valid names: {', '.join(HPARAMS)}")
+    if unknown: raise ConfigError(f"unknown hyperparameter(s) {unknown}; valid names: {', '.join(HPARAMS)}")
     for k, v in (("input_size", input_size), ("num_classes", num_classes)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-            raise ValueError(f"{name}: {k}={v!r} must be a positive integer")
+            raise ConfigError(f"{name}: {k}={v!r} must be a positive integer")
     kw = {k: v for k, v in hparams.items() if v is not None}
-    for k, v in kw.items(): _check(name, k, v)
+    for k, v in kw.items(): check_hparam(name, k, v)
     kw = {k: v for k, v in kw.items() if k in ACCEPTS[name]}
+    check_fits(name, input_size, num_classes, **kw)
     return _CLASSES[name](int(input_size), int(num_classes), **kw)
 
 # %% ../nbs/04b_models.ipynb #82370a9b

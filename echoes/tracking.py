@@ -63,9 +63,13 @@ def _local_artifact_root(uri: str) -> Path | None:
     return None
 
 def client(uri: str | None = None):
-    "An `MlflowClient` on the resolved store."
+    "An `MlflowClient` on the resolved store; a new SQLite store gets its tables from one process at a time."
     from mlflow import MlflowClient
-    return MlflowClient(resolve_tracking_uri(uri))
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
+        with file_lock(db.with_name(f"{db.name}.lock")):  # a second process waits here, then finds the tables made
+            MlflowClient(uri).search_experiments(max_results=1)
+    return MlflowClient(uri)
 
 def experiment_id(name: str, uri: str | None = None) -> str:
     "The id of experiment `name`, created (with local artifacts beside a local store) when missing."
@@ -261,7 +265,10 @@ def __exit__(self: Run, etype, exc, tb) -> bool:
     try:
         if status == "FAILED":
             msg = f"{etype.__name__}: {exc}"
-            self.log.error(f"run failed: {msg}\n" + "".join(traceback.format_exception(etype, exc, tb)))
+            self.log.error(f"run {self.name!r} failed: {msg}")
+            # the traceback goes to the run's log file only: the console keeps one line per error
+            self._handler.handle(self.log.makeRecord(self.log.name, logging.ERROR, "", 0,
+                                 "".join(traceback.format_exception(etype, exc, tb)), None, None))
             self.client.set_tag(self.id, "echoes.error", msg[:4900])
         elif status == "KILLED": self.log.warning(f"run interrupted ({exc or 'KeyboardInterrupt'}); ending it KILLED")
         else: self.log.info(f"run {self.name!r} ({self.id}) finished")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import random
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +27,13 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
-from .core import SeqData, as_seqdata, atomic_path, count_params, get_device, get_logger, peak_memory_mb
+from .core import ConfigError, SeqData, as_seqdata, atomic_path, count_params, get_device, get_logger, peak_memory_mb
 from .core import reset_peak_memory, set_seed, stable_hash
 from .data import DATASETS
-from .models import MODELS
+from .models import MODELS, check_fits, check_hparam
 
 # %% auto #0
-__all__ = ['ROLES', 'CKPT_NAME', 'CKPT_VERSION', 'EPOCH_METRICS', 'RESULT_METRICS', 'TrainConfig', 'config_fields',
+__all__ = ['ROLES', 'CKPT_NAME', 'CKPT_VERSION', 'EPOCH_METRICS', 'RESULT_METRICS', 'TrainConfig', 'config_fields', 'check_value',
            'under_papermill', 'rng_state', 'set_rng_state', 'epoch_generator', 'stable_hash_int', 'save_checkpoint',
            'load_checkpoint', 'warmup_cosine', 'fit', 'evaluate', 'final_metrics', 'plot_confusion',
            'plot_learning_curves']
@@ -46,65 +48,66 @@ ROLES = {
     "record": "where it is recorded: a sweep sets these for each trial",
 }
 
-def _field(default, *roles: str):
-    "A `TrainConfig` field with its `roles` (keys of `ROLES`); the comment beside it is its help text."
+def _field(default, *roles: str, **bounds):
+    "A `TrainConfig` field with its `roles` (keys of `ROLES`) and `bounds` (ge, gt, le, lt); its comment is its help."
     if bad := set(roles) - set(ROLES): raise ValueError(f"unknown roles {bad}")
-    return field(default=default, metadata={"roles": roles})
+    if bad := set(bounds) - {"ge", "gt", "le", "lt"}: raise ValueError(f"unknown bounds {bad}")
+    return field(default=default, metadata={"roles": roles, "bounds": bounds})
 
 def _parse_ridge(v):
     "A ridge value or grid from a float, a list, or a string such as '1e-4,1e-2' or '[1e-4, 1e-2]'."
-    if v is None or isinstance(v, (int, float)): return v
-    if isinstance(v, str):
-        parts = [p for p in v.strip("[]() ").replace(";", ",").split(",") if p.strip()]
-        vals = [float(p) for p in parts]
-        return vals[0] if len(vals) == 1 else vals
-    return [float(x) for x in v]
+    if v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)): return v
+    try:
+        if isinstance(v, str):
+            vals = [float(p) for p in v.strip("[]() ").replace(";", ",").split(",") if p.strip()]
+            return vals[0] if len(vals) == 1 else vals
+        if isinstance(v, (list, tuple)) and v and not any(isinstance(x, bool) for x in v): return [float(x) for x in v]
+    except (TypeError, ValueError): pass
+    raise ConfigError(f"ridge must be a number, a list of numbers or text such as '1e-4,1e-2'; got {v!r}")
 
 # %% ../nbs/05_train.ipynb #f43968c6
 @dataclass
 class TrainConfig:
     "Every parameter of a training run: what to train, on what, how, and where to record it."
-    model: str = _field("esn", "run")                       # esn, deep_esn, rnn, deep_rnn, lstm, gru, mean
-    dataset: str = _field("synthetic", "run", "data")       # synthetic, ucf101, frames, cifar10
-    data_root: str | None = _field(None, "data")            # folder of the dataset (None: the built-in one's cache)
-    classes: int = _field(8, "data")                        # built-in dataset: motion classes, up to 16 (grow/shrink, diagonals, rotation)
-    fold: int = _field(1, "data")                           # UCF101 split 1..3
-    epochs: int = _field(30, "fit")                         # gradient models; closed-form readouts fit in one pass
-    seed: int = _field(0, "run", "model", "fit", "data")    # python, numpy, torch and the reservoir
-    batch_size: int = _field(64, "fit")                     # clips per batch (training, ridge statistics and evaluation)
-    lr: float = _field(3e-3, "fit")                         # AdamW peak learning rate
-    weight_decay: float = _field(1e-2, "fit")               # AdamW, on weight matrices only
-    patience: int = _field(8, "fit")                        # early stopping on val accuracy (0: off)
-    clip: float = _field(1.0, "fit")                        # gradient-norm clipping (0: off)
-    warmup: float = _field(0.05, "fit")                     # fraction of steps of linear warm-up before the cosine decay
-    hidden_size: int | None = _field(None, "model")         # units per layer (reservoir units for ESNs); None: each model's default
-    num_layers: int | None = _field(None, "model")          # stacked layers (deep_esn, deep_rnn)
-    dropout: float | None = _field(None, "model")           # between stacked layers and before the head (gradient models)
-    spectral_radius: float | None = _field(None, "model")   # ESN: spectral radius of the reservoir matrix
-    leak: float | None = _field(None, "model")              # ESN: leak rate a in (0, 1]
-    input_scaling: float | None = _field(None, "model")     # ESN: scale of the input weights
-    bias_scaling: float | None = _field(None, "model")      # ESN: scale of the reservoir bias
-    density: float | None = _field(None, "model")           # ESN: fraction of nonzero reservoir weights, in (0, 1]
-    readout: str | None = _field(None, "model")             # last, mean or both
-    ridge: float | list | str | None = _field(None, "model")  # one value or a grid ("1e-4,1e-2")
-    readout_training: str | None = _field(None, "model")    # ESN ablation: ridge (closed form) or sgd (gradient readout)
-    frames: int = _field(16, "data")                        # frames sampled per clip
-    frame_size: int = _field(32, "data")                    # frames resized to frame_size x frame_size
-    encoder: str = _field("pixels", "data")                 # frozen frame encoder: pixels, random conv, resnet18
-    val_fraction: float = _field(0.2, "data")               # of the training groups, held out for early stopping / ridge
-    tracking_uri: str | None = _field(None, "record")       # None: sqlite:///<runs>/mlflow.db
-    experiment: str | None = _field(None, "record")         # None: the dataset name
-    run_name: str | None = _field(None, "record")           # same name (same uri, experiment): resume that run
-    run_id: str | None = _field(None, "record")             # resume (or fill) this MLflow run
-    device: str = _field("auto", "runtime", "fit", "data")  # auto, cpu, cuda, cuda:1
-    num_workers: int | None = _field(None, "runtime", "data")  # data loading / encoding workers
-    progress: bool | None = _field(None, "runtime", "fit")  # progress bars: None = when a terminal or notebook shows them
-    log_model: bool = _field(True, "runtime")               # log the model to MLflow (pickle)
-    tensorboard: bool = _field(True, "runtime")             # also write TensorBoard event files
+    model: str = _field("esn", "run")                             # esn, deep_esn, rnn, deep_rnn, lstm, gru, mean
+    dataset: str = _field("synthetic", "run", "data")             # synthetic, ucf101, frames, cifar10
+    data_root: str | None = _field(None, "data")                  # folder of the dataset (None: the built-in one's cache)
+    classes: int = _field(8, "data", ge=1)                        # built-in dataset: motion classes, up to 16 (grow/shrink, diagonals, rotation)
+    fold: int = _field(1, "data", ge=1)                           # UCF101 split 1..3
+    epochs: int = _field(30, "fit", ge=1)                         # gradient models; closed-form readouts fit in one pass
+    seed: int = _field(0, "run", "model", "fit", "data", ge=0)    # python, numpy, torch and the reservoir
+    batch_size: int = _field(64, "fit", ge=1)                     # clips per batch (training, ridge statistics and evaluation)
+    lr: float = _field(3e-3, "fit", gt=0)                         # AdamW peak learning rate
+    weight_decay: float = _field(1e-2, "fit", ge=0)               # AdamW, on weight matrices only
+    patience: int = _field(8, "fit", ge=0)                        # early stopping on val accuracy (0: off)
+    clip: float = _field(1.0, "fit", ge=0)                        # gradient-norm clipping (0: off)
+    warmup: float = _field(0.05, "fit", ge=0, lt=1)               # fraction of steps of linear warm-up before the cosine decay
+    hidden_size: int | list | None = _field(None, "model")        # units per layer (reservoir units for ESNs); None: each model's default
+    num_layers: int | None = _field(None, "model")                # stacked layers (deep_esn, deep_rnn)
+    dropout: float | None = _field(None, "model")                 # between stacked layers and before the head (gradient models)
+    spectral_radius: float | list | None = _field(None, "model")  # ESN: spectral radius of the reservoir matrix
+    leak: float | list | None = _field(None, "model")             # ESN: leak rate a in (0, 1]
+    input_scaling: float | list | None = _field(None, "model")    # ESN: scale of the input weights
+    bias_scaling: float | list | None = _field(None, "model")     # ESN: scale of the reservoir bias
+    density: float | list | None = _field(None, "model")          # ESN: fraction of nonzero reservoir weights, in (0, 1]
+    readout: str | None = _field(None, "model")                   # last, mean or both
+    ridge: float | list | str | None = _field(None, "model")      # one value or a grid ("1e-4,1e-2")
+    readout_training: str | None = _field(None, "model")          # ESN ablation: ridge (closed form) or sgd (gradient readout)
+    frames: int = _field(16, "data", ge=1)                        # frames sampled per clip
+    frame_size: int = _field(32, "data", ge=1)                    # frames resized to frame_size x frame_size
+    encoder: str = _field("pixels", "data")                       # frozen frame encoder: pixels, random conv, resnet18
+    val_fraction: float = _field(0.2, "data", ge=0, lt=1)         # of the training groups, held out for early stopping / ridge
+    tracking_uri: str | None = _field(None, "record")             # None: sqlite:///<runs>/mlflow.db
+    experiment: str | None = _field(None, "record")               # None: the dataset name
+    run_name: str | None = _field(None, "record")                 # same name (same uri, experiment): resume that run
+    run_id: str | None = _field(None, "record")                   # resume (or fill) this MLflow run
+    device: str = _field("auto", "runtime", "fit", "data")        # auto, cpu, cuda, cuda:1
+    num_workers: int | None = _field(None, "runtime", "data", ge=0)  # data loading / encoding workers
+    progress: bool | None = _field(None, "runtime", "fit")        # progress bars: None = when a terminal or notebook shows them
+    log_model: bool = _field(True, "runtime")                     # log the model to MLflow (pickle)
+    tensorboard: bool = _field(True, "runtime")                   # also write TensorBoard event files
 
-    def __post_init__(self):
-        self.ridge = _parse_ridge(self.ridge)
-        self.validate()
+    def __post_init__(self): self.validate()
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
@@ -115,24 +118,53 @@ def config_fields(*roles: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if set(f.metadata["roles"]) & set(roles))
 
 # %% ../nbs/05_train.ipynb #cdf2ccce
+_KIND = {bool: "true or false", int: "an integer", float: "a finite number", str: "text", list: "a list"}
+
+def _coerce(name: str, hint, v):
+    "`v` as the type of field `name` (annotation `hint`), or a `ConfigError` naming the field and what it takes."
+    kinds = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    if v is None:
+        if len(kinds) < len(typing.get_args(hint) or (hint,)): return None
+    elif isinstance(v, str) and str not in kinds and v.strip().lower() in ("true", "false") and bool in kinds:
+        return v.strip().lower() == "true"
+    else:
+        for k in kinds:
+            if k is bool and isinstance(v, bool): return v
+            if k is str and isinstance(v, str): return v
+            if k is list and isinstance(v, (list, tuple)): return list(v)
+            if k in (int, float) and not isinstance(v, bool):
+                try: x = float(v) if isinstance(v, (str, numbers.Real)) else None
+                except ValueError: x = None
+                if x is not None and math.isfinite(x) and (k is float or x == int(x)): return int(x) if k is int else x
+    what = " or ".join([_KIND[k] for k in kinds] + (["None"] if type(None) in typing.get_args(hint) else []))
+    raise ConfigError(f"{name} must be {what}; got {v!r}")
+
+def _check_bounds(name: str, v, ge=None, gt=None, le=None, lt=None) -> None:
+    for op, b, ok in ((">=", ge, ge is None or v >= ge), (">", gt, gt is None or v > gt),
+                      ("<=", le, le is None or v <= le), ("<", lt, lt is None or v < lt)):
+        if not ok: raise ConfigError(f"{name} must be {op} {b}; got {v!r}")
+
+# %% ../nbs/05_train.ipynb #978602a3
+def check_value(name: str, v):
+    "`v` checked and coerced as `TrainConfig` field `name`."
+    f = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
+    if f is None: raise ConfigError(f"unknown parameter {name!r}")
+    v = _parse_ridge(v) if name == "ridge" else _coerce(name, typing.get_type_hints(TrainConfig)[name], v)
+    if v is not None and f.metadata["bounds"]: _check_bounds(name, v, **f.metadata["bounds"])
+    return v
+
 @patch
 def validate(self: TrainConfig) -> TrainConfig:
-    "Raise `ValueError` naming the bad field and the valid choices."
-    if self.model not in MODELS: raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(MODELS)}")
+    "Coerce every field to its type and check it; raise `ConfigError` naming the field and what it accepts."
+    for f in dataclasses.fields(self): setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
+    if self.model not in MODELS: raise ConfigError(f"unknown model {self.model!r}; valid models: {', '.join(MODELS)}")
     if self.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    for k in ("epochs", "batch_size", "frames", "frame_size", "fold", "classes"):
-        if int(getattr(self, k)) < 1: raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-    if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr}")
-    for k in ("weight_decay", "patience", "clip"):
-        if getattr(self, k) < 0: raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
-    if not 0 <= self.warmup < 1: raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-    if not 0 <= self.val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-    if self.readout not in (None, "last", "mean", "both"):
-        raise ValueError(f"readout must be one of last, mean, both; got {self.readout!r}")
+        raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if str(self.device).split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+    hp = {k: v for k in config_fields("model") if (v := getattr(self, k)) is not None}
+    for k, v in hp.items(): check_hparam(self.model, k, v)
+    check_fits(self.model, 1, 2, **{k: v for k, v in hp.items() if k in ("hidden_size", "num_layers")})
     return self
 
 # %% ../nbs/05_train.ipynb #7ba8a17b
@@ -160,7 +192,7 @@ def from_dict(cls: TrainConfig, d: dict | None = None, **overrides) -> TrainConf
     d = {**(d or {}), **overrides}
     names = {f.name for f in dataclasses.fields(cls)}
     if bad := sorted(set(d) - names):
-        raise ValueError(f"unknown TrainConfig field(s) {bad}; valid fields: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown parameter(s) {bad}; valid parameters: {', '.join(sorted(names))}")
     return cls(**d)
 
 # %% ../nbs/05_train.ipynb #6f755a9e
@@ -416,6 +448,9 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 30, lr: float = 3e-3
     Closed-form models: one `fit_readout` pass. Gradient models: `epochs` of AdamW with warm-up + cosine LR,
     clipping, bf16 autocast on CUDA and early stopping on `val` (best weights restored). With `checkpoint_dir`,
     every epoch is checkpointed there and a later call resumes from the last complete checkpoint."""
+    names = ("epochs", "lr", "batch_size", "weight_decay", "patience", "clip", "seed", "warmup")
+    epochs, lr, batch_size, weight_decay, patience, clip, seed, warmup = (
+        check_value(k, v) for k, v in zip(names, (epochs, lr, batch_size, weight_decay, patience, clip, seed, warmup)))
     device = get_device(device)
     train = as_seqdata(train); val = as_seqdata(val) if val is not None else None
     if val is not None and not len(val): val = None
