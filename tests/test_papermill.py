@@ -89,12 +89,13 @@ def test_papermill_to_stdout(tmp_path):
     ("spectral_radius", "nan", "spectral_radius must be a finite number"), ("input_scaling", "nan", "input_scaling"),
     ("ridge", "nan", "ridge"), ("epochs", "2.5", "epochs must be an integer"), ("hidden_size", "100000", "needs about")])
 def test_bad_parameter_fails_early(tmp_path, param, value, names):
-    "A bad parameter name or value fails in the first executed cells, naming it and what it accepts; nothing is tracked."
+    "A bad parameter name or value fails in the configuration cell, naming it and what it accepts; nothing is tracked."
     out = tmp_path / "bad.ipynb"
     r = papermill_cli(NB, str(out), "-p", param, value, "-p", "tracking_uri", f"sqlite:///{tmp_path}/m.db")
     assert r.returncode != 0
     assert names in r.stderr and "ConfigError" in r.stderr, r.stderr[-2000:]
     nb = json.loads(out.read_text())
     executed = [c for c in nb["cells"] if c["cell_type"] == "code" and c.get("execution_count")]
-    assert "TrainConfig.from_dict" in "".join(executed[-1]["source"]), "the error must come before any data is loaded"
+    failed = "".join(executed[-1]["source"])
+    assert "TrainConfig.from_dict" in failed, "the error must come before any data is loaded"
     assert not (tmp_path / "m.db").exists(), "nothing is tracked for a config that cannot run"
