@@ -87,7 +87,8 @@ def test_papermill_to_stdout(tmp_path):
     ("model", "transformer", "esn"), ("dataset", "kinetics", "synthetic"),
     ("bogus", "1", "valid parameters: batch_size"),  # papermill itself defines any name it is given
     ("spectral_radius", "nan", "spectral_radius must be a finite number"), ("input_scaling", "nan", "input_scaling"),
-    ("ridge", "nan", "ridge"), ("epochs", "2.5", "epochs must be an integer"), ("hidden_size", "100000", "needs about")])
+    ("ridge", "nan", "ridge"), ("epochs", "2.5", "epochs must be an integer"),
+    ("hidden_size", "100000", "needs about")])
 def test_bad_parameter_fails_early(tmp_path, param, value, names):
     "A bad parameter name or value fails in the configuration cell, naming it and what it accepts; nothing is tracked."
     out = tmp_path / "bad.ipynb"
