@@ -8,6 +8,7 @@ the plots that show the trade-offs, and the dashboard page that gathers them."""
 from __future__ import annotations
 import contextlib, functools, html, http.server, json, math, os, re, shutil, socketserver, tempfile, warnings
 from pathlib import Path
+from urllib.parse import quote
 import numpy as np
 import pandas as pd
 from .core import fmt_value, get_logger, kernel_config, project_root, runs_dir, safe_name
@@ -20,8 +21,8 @@ __all__ = ['SUMMARY_METRICS', 'NON_CONFIG', 'TEST_DESCRIPTION', 'CURVE_METRICS',
            'varied_params', 'add_config', 'runs', 't_interval', 'holm', 'welch', 'select_configs', 'summary',
            'format_summary', 'to_markdown', 'history', 'per_class', 'architectures', 'pareto_front', 'plot_tradeoff',
            'plot_tradeoffs', 'plot_learning_curves', 'plot_per_class', 'esn_grids', 'plot_esn_grid',
-           'plot_architecture', 'plot_architectures', 'ui_base', 'run_url', 'runs_table', 'dashboard_notebook',
-           'to_html', 'serve_page', 'dashboard']
+           'plot_architecture', 'plot_architectures', 'ui_base', 'run_url', 'html_text', 'run_link', 'runs_table',
+           'failed_runs_html', 'dashboard_notebook', 'to_html', 'serve_page', 'dashboard']
 
 # %% ../nbs/07_compare.ipynb #fcb261e7
 SUMMARY_METRICS = ("test_acc", "train_time_s", "latency_ms", "peak_mem_mb", "trainable_params")
@@ -453,24 +454,43 @@ def ui_base(tracking_uri: str | None = None) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 def run_url(experiment_id: str, run_id: str, base: str | None = None) -> str:
-    "The MLflow UI page of a run."
-    return f"{(base or LOCAL_UI).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    "The MLflow UI page of a run (the ids quoted: they are path parts of the URL)."
+    e, r = (quote(str(s), safe="") for s in (experiment_id, run_id))
+    return f"{(base or LOCAL_UI).rstrip('/')}/#/experiments/{e}/runs/{r}"
+
+# %% ../nbs/07_compare.ipynb #88412cb5
+def html_text(v) -> str:
+    "`v` as HTML text: `&`, `<`, `>` and both quotes escaped; None and NaN as an empty string."
+    if v is None or (isinstance(v, float) and math.isnan(v)): return ""
+    return html.escape(str(v), quote=True)
+
+# %% ../nbs/07_compare.ipynb #b141ab03
+def run_link(experiment_id: str, run_id: str, text, base: str | None = None) -> str:
+    "An HTML link to a run's MLflow UI page, showing `text`."
+    return f'<a href="{html_text(run_url(experiment_id, run_id, base))}" target="_blank">{html_text(text)}</a>'
+
+_TABLE_FORMATS = {"test_acc": "{:.3f}", "val_acc": "{:.3f}", "train_time_s": "{:.3g}", "latency_ms": "{:.3g}",
+                  "peak_mem_mb": "{:,.0f}", "trainable_params": "{:,.0f}"}
 
 def runs_table(df: pd.DataFrame, base: str | None = None) -> str:
     "An HTML table of the runs, each name linked to its MLflow UI page."
     base = base or ui_base(df.attrs.get("tracking_uri"))
-    cols = [c for c in ("model", "config", "seed", "status", "test_acc", "val_acc", "train_time_s", "latency_ms",
-                        "peak_mem_mb", "trainable_params") if c in df]
+    cols = [c for c in ("model", "config", "seed", "status", *_TABLE_FORMATS) if c in df]
     t = df[cols].copy()
-    t.insert(0, "run", [f'<a href="{html.escape(run_url(e, r, base))}" target="_blank">{html.escape(str(n))}</a>'
-                        for e, r, n in zip(df["experiment_id"], df["run_id"], df["run_name"])])
-    for c in ("test_acc", "val_acc"):
-        if c in t: t[c] = t[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    for c in ("train_time_s", "latency_ms"):
-        if c in t: t[c] = t[c].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-    for c in ("peak_mem_mb", "trainable_params"):
-        if c in t: t[c] = t[c].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}")
-    return t.to_html(escape=False, index=False, classes="echoes-runs", border=0)
+    for c, fmt in _TABLE_FORMATS.items():
+        if c in t: t[c] = t[c].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
+    t = t.map(html_text)
+    t.insert(0, "run", [run_link(e, r, n, base) for e, r, n in zip(df["experiment_id"], df["run_id"], df["run_name"])])
+    return t.to_html(escape=False, index=False, classes="echoes-runs", border=0)  # escaped cell by cell above
+
+# %% ../nbs/07_compare.ipynb #52d85da6
+def failed_runs_html(df: pd.DataFrame) -> str:
+    "An HTML list of the FAILED runs of `df` with their error text; empty when none failed."
+    failed = df[df["status"] == "FAILED"] if "status" in df else df.iloc[:0]
+    if failed.empty: return ""
+    items = "".join(f"<li><code>{html_text(r.run_name)}</code>: {html_text(r.error) or 'see its log in MLflow'}</li>"
+                    for r in failed.itertuples())
+    return f"<p><b>Failed runs:</b></p><ul class='echoes-failed'>{items}</ul>"
 
 # %% ../nbs/07_compare.ipynb #e89c0325
 # nbconvert's lab template, less the scripts it would fetch from a CDN (require.js, MathJax, mermaid, Jupyter
@@ -531,7 +551,7 @@ def dashboard(tracking_uri: str | None = None, experiment: str | None = None, pa
     if parent and where["parent_run_id"] is None: raise ValueError(f"no run with id {parent!r} in {uri}")
     name = f"sweep-{parent[:8]}" if parent else f"experiment-{safe_name(where['experiment'])}"
     out = Path(out) if out else runs_dir("dashboard") / f"{name}.html"
-    nb_out = out.with_suffix(".ipynb")
+    nb_out = out.with_suffix(".ipynb"); out.parent.mkdir(parents=True, exist_ok=True)
     nb = dashboard_notebook()
     pm.execute_notebook(str(nb), str(nb_out), parameters=dict(tracking_uri=uri, experiment=experiment, parent=parent,
                                                                ui=ui or ui_base(uri)),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import numbers
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -262,7 +264,12 @@ CKPT_NAME, CKPT_VERSION = "last.pt", 1
 
 def save_checkpoint(path: Path | str, state: dict) -> Path:
     "Write `state` atomically to `path`."
-    with atomic_path(path) as tmp: torch.save({"version": CKPT_VERSION, **state}, tmp)
+    with atomic_path(path) as tmp:
+        try: torch.save({"version": CKPT_VERSION, **state}, tmp)
+        except RuntimeError as e:  # torch reports a full disk as a failed write: say which it was
+            if shutil.disk_usage(tmp.parent).free < 1 << 20:
+                raise OSError(errno.ENOSPC, f"no space left on device for the checkpoint {path}") from e
+            raise
     return Path(path)
 
 def load_checkpoint(path: Path | str) -> dict | None:
@@ -559,7 +566,9 @@ def plot_confusion(confusion, classes=None, normalize: bool = True, title: str =
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     if c <= 30:
-        ax.set_xticks(range(c), classes, rotation=90, fontsize=8); ax.set_yticks(range(c), classes, fontsize=8)
+        # class names come from the data: shown as written, never read as mathtext
+        ax.set_xticks(range(c), classes, rotation=90, fontsize=8, parse_math=False)
+        ax.set_yticks(range(c), classes, fontsize=8, parse_math=False)
     if c <= 12:
         for i in range(c):
             for j in range(c):

@@ -1,6 +1,7 @@
 """The comparison dashboard of a real (small) sweep, opened in headless Chromium: no console errors, every
 architecture in the summary table, the plots as embedded images, run links to the MLflow UI; a screenshot is
-saved under test-artifacts/."""
+saved under test-artifacts/. And the page of runs whose names, tags, params and error text hold HTML: all of it
+shown as text, none of it run."""
 import os
 import re
 import shutil
@@ -109,3 +110,74 @@ def test_dashboard_in_chromium(page, tmp_path):
         proc.terminate(); proc.wait(10)
     assert not errors, errors
     assert (ROOT / "test-artifacts" / "dashboard.png").stat().st_size > 10_000
+
+
+SCRIPT = "<script>window.__pwned=1</script>"
+IMG = '"><img src=x onerror="window.__pwned=1">'
+SVG = "<svg onload=window.__pwned=1>"
+ERROR = f"{IMG}{SCRIPT}"
+MATH = r"$\frac{$"  # not HTML, but a plot label that matplotlib would parse as math, and fail on
+
+
+@pytest.fixture(scope="module")
+def hostile_page(tmp_path_factory):
+    """Runs whose names, tags, params, class names, experiment and error text hold HTML, in a real store: one
+    trained for real, one failed for real, the rest written straight into MLflow (the store is the boundary:
+    anyone can write to it through its UI or API), and their dashboard page."""
+    _need_chromium()
+    from types import SimpleNamespace
+    from echoes.core import toy_sequences
+    from echoes.tracking import run_experiment, start_run
+    d = tmp_path_factory.mktemp("hostile")
+    uri, exp = f"sqlite:///{d / 'mlflow.db'}", f"exp {IMG}"
+    common = dict(experiment=exp, tracking_uri=uri, progress=False, log_model=False, tensorboard=False)
+    train, val, test = (toy_sequences(n, num_classes=2, T=8, D=3, seed=s, task="position")
+                        for n, s in ((64, 0), (16, 1), (32, 2)))
+    splits = SimpleNamespace(train=train, val=val, test=test, classes=[SCRIPT, IMG])
+    trained = run_experiment(dict(model="mean", epochs=1, seed=0, **common), splits=splits, tags={"echoes.note": IMG})
+    with pytest.raises(RuntimeError), start_run(dict(model="esn", run_name=f"failed {SVG}", **common)):
+        raise RuntimeError(ERROR)
+    c = client(uri)
+    c.set_tag(trained["run_id"], "mlflow.runName", SCRIPT)  # a rename, as the MLflow UI does it
+    eid = c.get_experiment_by_name(exp).experiment_id
+    metrics = dict(test_acc=0.5, val_acc=0.5, train_time_s=1.0, latency_ms=0.1, peak_mem_mb=10, trainable_params=100)
+    for name, params, tags in [(IMG, {"model": "gru", "hidden_size": IMG, "seed": 0}, {}),
+                               ("gru-plain", {"model": "gru", "hidden_size": 16, "seed": 0}, {}),
+                               ("tagged", {"seed": 0}, {"echoes.model": SVG}),
+                               ("math", {"seed": 0}, {"echoes.model": MATH})]:
+        rid = c.create_run(eid, run_name=name, tags=tags).info.run_id
+        for k, v in params.items(): c.log_param(rid, k, v)
+        for k, v in metrics.items(): c.log_metric(rid, k, v)
+        c.set_terminated(rid, "FINISHED")
+    return dashboard(tracking_uri=uri, experiment=exp, out=d / "dashboard" / "hostile.html")
+
+
+@pytest.mark.slow
+def test_dashboard_escapes_run_values(hostile_page, tmp_path):
+    from playwright.sync_api import sync_playwright
+    errors = []
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+                                                   args=FLAGS)
+        pg = ctx.new_page()
+        pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        pg.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))  # an injected <img src=x>
+        pg.goto(hostile_page.as_uri(), wait_until="load")
+        pg.wait_for_timeout(200)
+        dom = pg.evaluate("""() => ({
+            pwned: typeof window.__pwned,
+            handlers: document.querySelectorAll("[onerror], [onload]").length,
+            foreign_imgs: [...document.images].filter(i => !i.src.startsWith("data:image/png")).length,
+            scripts: [...document.scripts].filter(s => s.textContent.includes("__pwned")).length,
+            svgs: [...document.querySelectorAll("svg")].filter(s => s.outerHTML.includes("__pwned")).length})""")
+        text = pg.inner_text("body")
+        links = pg.eval_on_selector_all("table.echoes-runs a", "els => els.map(e => [e.textContent, e.href])")
+        failed = pg.locator("ul.echoes-failed li").all_inner_texts()
+        ctx.close()
+    assert dom == dict(pwned="undefined", handlers=0, foreign_imgs=0, scripts=0, svgs=0), dom
+    assert not errors, errors
+    for s in (f"exp {IMG}", SCRIPT, f"gru (hidden_size={IMG})", SVG, MATH, f"failed {SVG}", f"RuntimeError: {ERROR}"):
+        assert s in text, f"{s!r} is not shown as text"
+    assert SCRIPT in dict(links) and all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}$", h)
+                                         for _, h in links)
+    assert failed == [f"failed {SVG}: RuntimeError: {ERROR}"]
