@@ -5,7 +5,8 @@ and `SeqData`, the one container every layer passes sequences in."""
 
 # %% ../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, logging, os, random, re, resource, shutil, sys, tempfile, time, tomllib
+import contextlib, errno, fcntl, hashlib, itertools, json, logging, os, random, re, resource, shutil, sys, tempfile, time
+import tomllib, zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from fastcore.basics import patch
 __all__ = ['ConfigError', 'project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb',
            'stable_hash', 'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir',
            'kernel_config', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params',
-           'describe_summary', 'toy_sequences']
+           'describe_summary', 'toy_sequences', 'DiskFull', 'disk_full', 'reserve_array', 'file_crc32',
+           'array_manifest', 'check_arrays', 'verify_cache', 'checked_cache']
 
 # %% ../nbs/00_core.ipynb #2ca1e5eb
 class ConfigError(ValueError):
@@ -268,3 +270,105 @@ def toy_sequences(n: int = 300, num_classes: int = 4, T: int = 12, D: int = 6, s
         else: X[i, y[i] * width:(y[i] + 1) * width, 0] += 1
         X[i, lengths[i]:] = 0
     return X.astype(np.float32), y, lengths
+
+# %% ../nbs/00_core.ipynb #8ec7b078
+class DiskFull(OSError):
+    "The disk filled up (ENOSPC or EDQUOT) while a dataset or a cache was being written."
+
+@contextlib.contextmanager
+def disk_full(what: str, folder: Path | str):
+    "Turn a full disk inside the block into one `DiskFull` naming `what` was being written and the `folder`."
+    try: yield
+    except DiskFull: raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+        raise DiskFull(e.errno, f"No space left on device while {what} (free some space, or point ECHOES_RUNS "
+                                "at a larger disk)", str(folder)) from e
+
+# %% ../nbs/00_core.ipynb #f19d0263
+def reserve_array(path: Path | str, dtype, shape) -> np.memmap:
+    "A new writable `.npy` memmap at `path` whose disk space is allocated now: a full disk fails here, with ENOSPC."
+    a = np.lib.format.open_memmap(path, "w+", dtype, tuple(shape))
+    try:
+        if hasattr(os, "posix_fallocate"):  # not on macOS: there the file stays sparse
+            with open(path, "r+b") as f: os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError:
+        del a; Path(path).unlink(missing_ok=True)
+        raise
+    return a
+
+# %% ../nbs/00_core.ipynb #9fcf9d13
+def file_crc32(path: Path | str, chunk: int = 8 << 20) -> str:
+    "The CRC-32 of a file's bytes, as 8 hex digits."
+    crc, buf = 0, bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf): crc = zlib.crc32(memoryview(buf)[:n], crc)
+    return f"{crc:08x}"
+
+def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
+    with open(path, "rb") as f:
+        v = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+    return shape, dtype
+
+def _nonfinite(path: Path, rows: int = 4096) -> int:
+    "How many NaN or infinite values the float array in `path` holds (read in slices of `rows`)."
+    a = np.load(path, mmap_mode="r")
+    if a.size == 0: return 0
+    return sum(int(a[i:i + rows].size - np.isfinite(a[i:i + rows]).sum()) for i in range(0, len(a), rows))
+
+# %% ../nbs/00_core.ipynb #a23cafcd
+def array_manifest(folder: Path | str, names: list[str], finite: tuple[str, ...] = ()) -> dict:
+    "What `meta.json` records of each array file: bytes, shape, dtype, crc32; arrays named in `finite` must hold no NaN/inf."
+    out = {}
+    for name in names:
+        f = Path(folder) / name; shape, dtype = _npy_header(f)
+        if name in finite and (bad := _nonfinite(f)): raise ValueError(f"{f}: {bad} non-finite values (NaN or inf)")
+        out[name] = {"bytes": f.stat().st_size, "shape": list(shape), "dtype": dtype.str, "crc32": file_crc32(f)}
+    return out
+
+def check_arrays(folder: Path | str, manifest: dict, finite: tuple[str, ...] = ()) -> str | None:
+    "What is wrong with the array files `manifest` records in `folder` (the first problem found), or None."
+    for name, m in manifest.items():
+        f = Path(folder) / name
+        if not f.is_file(): return f"{name}: missing"
+        if (n := f.stat().st_size) != m["bytes"]: return f"{name}: {n} bytes where {m['bytes']} were written (truncated?)"
+        try: shape, dtype = _npy_header(f)
+        except (OSError, ValueError) as e: return f"{name}: unreadable header ({e})"
+        if [list(shape), dtype.str] != [m["shape"], m["dtype"]]:
+            return f"{name}: holds {dtype.str} {list(shape)} where {m['dtype']} {m['shape']} was written"
+        if name in finite and (bad := _nonfinite(f)): return f"{name}: {bad} non-finite values (NaN or inf)"
+        if file_crc32(f) != m["crc32"]: return f"{name}: checksum mismatch (its bytes changed after it was written)"
+    return None
+
+# %% ../nbs/00_core.ipynb #065c9e76
+def verify_cache(path: Path | str, finite: tuple[str, ...] = ()) -> str | None:
+    "What is wrong with the finished cache folder `path` (its `meta.json` and the arrays it records), or None."
+    try: meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError) as e: return f"meta.json: unreadable ({type(e).__name__}: {e})"
+    if not isinstance(meta, dict) or not meta.get("arrays"):
+        return "meta.json: records no array sizes or checksums (written by an older echoes)"
+    return check_arrays(path, meta["arrays"], finite)
+
+def _move_aside(base: Path, key: str, finite: tuple[str, ...]) -> None:
+    with file_lock(base / f"{key}.lock"):
+        path = base / key
+        if not path.exists() or (problem := verify_cache(path, finite)) is None: return  # rebuilt meanwhile
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(p for n in itertools.count() if not (p := base / f"corrupt-{stamp}-{n}-{key}").exists())
+        os.rename(path, aside)
+        get_logger("echoes.core").warning(f"cache {path}: {problem}; moved it aside to {aside.name} and rebuilding it")
+
+# %% ../nbs/00_core.ipynb #7511ef24
+def checked_cache(base: Path | str, key: str, build: Callable[[Path], object], *, what: str = "building a cache",
+                  resume: bool = False, finite: tuple[str, ...] = ()) -> Path:
+    "`cached_dir(base, key, build)`, checked by `verify_cache`: a damaged cache is moved aside and rebuilt, once."
+    base = Path(base)
+    with disk_full(what, base / f"{key}.partial"):
+        path = cached_dir(base, key, build, resume=resume)
+        if verify_cache(path, finite) is None: return path
+        _move_aside(base, key, finite)
+        path = cached_dir(base, key, build, resume=resume)
+    if (problem := verify_cache(path, finite)) is not None:
+        raise RuntimeError(f"cache {path} fails its check right after being rebuilt: {problem}")
+    return path

@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import SeqData, as_seqdata, atomic_path, cached_dir, get_logger, runs_dir, stable_hash
+from .core import (SeqData, array_manifest, as_seqdata, atomic_path, cached_dir, checked_cache, disk_full,
+                         get_logger, reserve_array, runs_dir, stable_hash, verify_cache)
 
 log = get_logger("echoes.data")
 
@@ -150,16 +151,17 @@ def synth(out: Path | str, classes: int = 8, clips_per_class: int = 100, frames:
         raise ValueError("need clips_per_class >= 1, frames >= 1 and an even size >= 8")
     out = Path(out); names = [m[0] for m in MOTIONS[:classes]]
     n_groups = min(25, clips_per_class); items = []
-    for ci, name in enumerate(names):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        for j in range(clips_per_class):
-            g, c = j % n_groups + 1, j // n_groups + 1
-            rel = f"{name}/v_{name}_g{g:02d}_c{c:02d}.avi"
-            write_avi(out / rel, synth_clip(ci, np.random.default_rng([seed, ci, j]), frames, size))
-            items.append((rel, name, g))
-    write_splits(out, items, names, n_groups)
-    (out / "synthetic.json").write_text(json.dumps({"classes": classes, "clips_per_class": clips_per_class,
-        "frames": frames, "size": size, "seed": seed, "version": SYNTH_VERSION, "groups": n_groups}, indent=1))
+    with disk_full("generating the synthetic dataset", out):
+        for ci, name in enumerate(names):
+            (out / name).mkdir(parents=True, exist_ok=True)
+            for j in range(clips_per_class):
+                g, c = j % n_groups + 1, j // n_groups + 1
+                rel = f"{name}/v_{name}_g{g:02d}_c{c:02d}.avi"
+                write_avi(out / rel, synth_clip(ci, np.random.default_rng([seed, ci, j]), frames, size))
+                items.append((rel, name, g))
+        write_splits(out, items, names, n_groups)
+        (out / "synthetic.json").write_text(json.dumps({"classes": classes, "clips_per_class": clips_per_class,
+            "frames": frames, "size": size, "seed": seed, "version": SYNTH_VERSION, "groups": n_groups}, indent=1))
     return out
 
 # %% ../nbs/01_data.ipynb #2f1bbdf0
@@ -173,7 +175,8 @@ def synthetic_root(classes: int = 8, clips_per_class: int = 100, frames: int = 1
         synth(part, **spec)
         log.info(f"generated synthetic dataset ({classes} x {clips_per_class} clips) in "
                  f"{time.perf_counter() - t0:.1f}s as {name}")
-    return cached_dir(runs_dir("data"), name, build, done="synthetic.json")
+    with disk_full("generating the synthetic dataset", runs_dir("data") / f"{name}.partial"):
+        return cached_dir(runs_dir("data"), name, build, done="synthetic.json")
 
 # %% ../nbs/01_data.ipynb #9be00007
 _GROUP = re.compile(r"_g(\d+)_c(\d+)", re.IGNORECASE)
@@ -202,16 +205,29 @@ def read_classind(root: Path | str) -> list[str]:
     if not names: raise ValueError(f"{path}: no classes")
     return [names[k] for k in sorted(names)]
 
+# %% ../nbs/01_data.ipynb #0b1e1928
+def _split_line(line: str, vids: Path) -> tuple[str, str | None]:
+    "A split-file line as (path, label or None)."
+    rel = line.replace("\\", "/")
+    head = rel.rsplit(None, 1)
+    if len(head) == 2 and head[1].isdigit() and not (vids / rel).is_file(): return head[0], head[1]
+    return rel, None
+
+def _outside(full: Path, roots: tuple[Path, ...]) -> Path | None:
+    "Where `full` really is, if that is outside all of `roots` (resolved), else None."
+    real = full.resolve()
+    return None if any(real.is_relative_to(r) for r in roots) else real
+
 # %% ../nbs/01_data.ipynb #f3b3d8cf
 def _read_split(root: Path, fold: int, split: str) -> tuple[list[dict], list[dict]]:
     "Entries and skipped lines of the official train or test list of `fold`."
     if fold not in (1, 2, 3): raise ValueError(f"fold must be 1, 2 or 3, got {fold}")
-    root = Path(root); vids = _videos_dir(root)
+    root = Path(root); vids = _videos_dir(root); roots = (root.resolve(), vids.resolve())
     classes = read_classind(root); cidx = {c: i for i, c in enumerate(classes)}
     path = root / "ucfTrainTestlist" / f"{split}list0{fold}.txt"
     entries, skipped, seen = [], [], set()
     for i, line in _lines(path):
-        parts = line.split(); rel = parts[0].replace("\\", "/"); where = f"{path.name}:{i}"
+        rel, label = _split_line(line, vids); where = f"{path.name}:{i}"
         def skip(reason, rel=rel, where=where):
             skipped.append({"path": rel, "reason": reason, "where": where})
             log.warning(f"skipping {where}: {rel}: {reason}")
@@ -220,10 +236,12 @@ def _read_split(root: Path, fold: int, split: str) -> tuple[list[dict], list[dic
         if len(p.parts) < 2: skip("path has no class folder"); continue
         cls = p.parts[0]
         if cls not in cidx: skip(f"unknown class {cls!r} (not in classInd.txt)"); continue
-        if len(parts) > 1 and (not parts[1].isdigit() or int(parts[1]) - 1 != cidx[cls]):
-            skip(f"label {parts[1]!r} disagrees with class folder {cls!r}"); continue
+        if label is not None and int(label) - 1 != cidx[cls]:
+            skip(f"label {label!r} disagrees with class folder {cls!r}"); continue
         full = vids / rel
         if not full.is_file(): skip("video file not found"); continue
+        if real := _outside(full, roots): skip(f"resolves outside the dataset root (to {real})"); continue
+        if full.stat().st_size == 0: skip("empty file (0 bytes)"); continue
         if rel in seen: skip("listed twice"); continue
         seen.add(rel)
         m = _GROUP.search(p.name)
@@ -317,7 +335,7 @@ def decode_clip(path: Path | str, frames: int, size: int, *, jitter: bool = Fals
     return resize_frames(x, size, crop, do_flip, rng), min(n, frames)
 
 # %% ../nbs/01_data.ipynb #ee62c364
-CLIP_CACHE_VERSION = 1
+CLIP_CACHE_VERSION = 2  # 2: meta.json records array sizes and checksums
 
 @dataclass
 class ClipCache:
@@ -332,8 +350,11 @@ class ClipCache:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path | str) -> ClipCache:
-        path = Path(path); meta = json.loads((path / "meta.json").read_text())
+    def open(cls, path: Path | str, verify: bool = True) -> ClipCache:
+        "The finished cache in `path`; with `verify`, a damaged one raises ValueError naming the file."
+        path = Path(path)
+        if verify and (problem := verify_cache(path)): raise ValueError(f"clip cache {path}: {problem}")
+        meta = json.loads((path / "meta.json").read_text())
         return cls(path, meta["key"], np.load(path / "clips.npy", mmap_mode="r"), np.load(path / "lengths.npy"),
                    np.load(path / "status.npy") == 1, meta["entries"], meta["skipped"], meta)
 
@@ -391,7 +412,7 @@ class _Partial:
         except Exception:  # noqa: BLE001 -- nothing there yet, or anything odd: start over
             shutil.rmtree(path); path.mkdir()
         (path / "params.json").write_text(json.dumps(params))
-        clips = np.lib.format.open_memmap(path / "clips.npy", "w+", np.uint8, (N, T, S, S, 3))
+        clips = reserve_array(path / "clips.npy", np.uint8, (N, T, S, S, 3))
         return cls(path, clips, np.zeros(N, np.int8), np.zeros(N, np.int64), {})
 
     def todo(self) -> list[int]: return [int(i) for i in np.flatnonzero(self.status == 0)]
@@ -436,7 +457,8 @@ def _write_meta(state: _Partial, entries: list[dict], **fields) -> dict:
                for i, r in sorted(state.reasons.items(), key=lambda kv: int(kv[0]))]
     short = [{"path": e["path"], "frames": int(state.lengths[i])} for i, e in enumerate(entries)
              if state.status[i] == 1 and state.lengths[i] < T]
-    meta = {**fields, "entries": entries, "skipped": skipped, "short": short, "created": time.time()}
+    meta = {**fields, "entries": entries, "skipped": skipped, "short": short, "created": time.time(),
+            "arrays": array_manifest(state.path, ["clips.npy", "lengths.npy", "status.npy"])}
     with atomic_path(state.path / "meta.json") as t: t.write_text(json.dumps(meta))
     return meta
 
@@ -450,7 +472,8 @@ def _build_clips(key: str, entries: list[dict], frames: int, size: int, make_job
         todo = state.todo()
         _decode_all(state, make_jobs(todo), job, entries, workers(todo), progress, checkpoint_s)
         _write_meta(state, entries, key=key, frames=frames, size=size, **meta)
-    return ClipCache.open(cached_dir(runs_dir("cache", "clips"), key, build, resume=True))
+    path = checked_cache(runs_dir("cache", "clips"), key, build, what="building the clip cache", resume=True)
+    return ClipCache.open(path, verify=False)
 
 def clip_cache(entries: list[dict], videos_dir: Path | str, frames: int = 16, size: int = 32, *,
                jitter: bool = False, crop: float = 1.0, flip: bool = False, seed: int = 0,
@@ -528,12 +551,15 @@ def _video_splits(root, *, fold, frames, frame_size, encoder, val_fraction, seed
     i_te = [len(tr) + i for i in range(len(te)) if ok[len(tr) + i]]
     for name, ii in (("train", i_tr), ("test", i_te)):
         if not ii: raise ValueError(f"{root}: no usable {name} clips in fold {fold} (all skipped?)")
+    seen = {int(y[i]) for i in i_tr + i_va}
+    if empty := [c for k, c in enumerate(classes) if k not in seen]:  # kept as labels: the indices stay official
+        log.warning(f"{root}: no usable train clips of class {', '.join(empty)} in fold {fold}")
     info = {"dataset": dataset, "root": str(root), "fold": fold, "frames": frames, "frame_size": frame_size,
                 "val_fraction": val_fraction, "seed": seed, "encoder": fc.encoder, "encoder_spec": fc.spec,
                 "fingerprint": stable_hash([e["path"] for e in allents] + [cc.key]), "clip_cache": cc.key,
                 "feature_cache": fc.key, "skipped": sk_tr + sk_te + cc.skipped, "short": cc.meta.get("short", []),
                 "paths": {"root": str(root), "clip_cache": str(cc.path), "feature_cache": str(fc.path)},
-                "counts": {"train": len(i_tr), "val": len(i_va), "test": len(i_te)}}
+                "counts": {"train": len(i_tr), "val": len(i_va), "test": len(i_te)}, "empty_classes": empty}
     train = _seq(X, y, L, i_tr, classes, info)
     if augment:
         train = _augmented(train, [allents[i] for i in i_tr], y[i_tr], vids, classes, info, frames, frame_size,
@@ -704,7 +730,10 @@ def _cifar_splits(root, *, val_fraction, seed, mode="rows", patch=4, download=Tr
                            "mode": mode, "patch": patch, "limit": limit})
     def build(part: Path):
         for name, x in (("train", xtr), ("test", xte)): np.save(part / f"{name}.npy", image_to_seq(x, mode, patch))
-    path = cached_dir(runs_dir("cache", "features"), f"cifar10-{key}", build, done="test.npy")
+        arrays = array_manifest(part, ["train.npy", "test.npy"], finite=("train.npy", "test.npy"))
+        with atomic_path(part / "meta.json") as t: t.write_text(json.dumps({"key": key, "arrays": arrays}))
+    path = checked_cache(runs_dir("cache", "features"), f"cifar10-{key}", build, what="caching CIFAR-10 sequences",
+                         finite=("train.npy", "test.npy"))
     Xtr, Xte = np.load(path / "train.npy", mmap_mode="r"), np.load(path / "test.npy", mmap_mode="r")
     info = {"dataset": "cifar10", "root": str(root), "mode": mode, "patch": patch, "val_fraction": val_fraction, "seed": seed,
                 "encoder": "identity", "fingerprint": key, "clip_cache": None, "feature_cache": key, "skipped": [], "short": [],

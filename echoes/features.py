@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import Timer, cached_dir, get_device, get_logger, runs_dir, stable_hash
+from .core import (Timer, array_manifest, atomic_path, checked_cache, get_device, get_logger, reserve_array,
+                         runs_dir, stable_hash)
 
 log = get_logger("echoes.features")
 
@@ -134,7 +135,7 @@ def encode(clips: np.ndarray, encoder: FrameEncoder, device: str | torch.device 
     return out if out is not None else np.empty((0, T, 0), np.float16)
 
 # %% ../nbs/02_features.ipynb #f705916e
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: meta.json records the array's size and checksum
 
 @dataclass
 class FeatureCache:
@@ -164,13 +165,14 @@ def feature_cache(clip_cache, encoder: str | FrameEncoder = "pixels", *, device:
     def build(part: Path):
         clips = clip_cache.clips; N, T = clips.shape[:2]
         D = enc.out_dim(clips.shape[2])
-        feats = np.lib.format.open_memmap(part / "features.npy", "w+", np.float16, (N, T, D))
+        feats = reserve_array(part / "features.npy", np.float16, (N, T, D))
         with Timer(get_device(device)) as t: _encode_ok(clips, clip_cache.ok, enc, feats, device, batch_frames)
         feats.flush(); del feats
         meta = {"key": key, "clip_cache": clip_cache.key, "encoder": enc.name, "spec": enc.spec,
-                    "weights": enc.weights_hash(), "shape": [N, T, D], "seconds": round(t.s, 3), "created": time.time()}
-        (part / "meta.json").write_text(json.dumps(meta, default=str))
+                "weights": enc.weights_hash(), "shape": [N, T, D], "seconds": round(t.s, 3), "created": time.time(),
+                "arrays": array_manifest(part, ["features.npy"], finite=("features.npy",))}
+        with atomic_path(part / "meta.json") as f: f.write_text(json.dumps(meta, default=str))
         log.info(f"encoded {N} clips with {enc.name} in {t.s:.1f}s -> {base / key}")
-    path = cached_dir(base, key, build)
+    path = checked_cache(base, key, build, what="encoding the feature cache", finite=("features.npy",))
     meta = json.loads((path / "meta.json").read_text())
     return FeatureCache(path, key, np.load(path / "features.npy", mmap_mode="r"), meta["encoder"], meta["spec"])

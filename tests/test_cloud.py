@@ -24,7 +24,6 @@ from echoes.cloud import (
     blob_name,
     cache_paths,
     credential_source,
-    hq_server,
     manifest_name,
     pull,
     push,
@@ -32,6 +31,8 @@ from echoes.cloud import (
     push_run,
     redact,
 )
+from echoes.cluster import hq_server
+from echoes.tracking import tensorboard_dir
 
 
 def sha(p: Path) -> str: return hashlib.sha256(Path(p).read_bytes()).hexdigest()
@@ -172,6 +173,32 @@ def test_cache_paths_from_dataset(hq, tmp_path):
     s2 = load("synthetic", device="cpu", classes=2, clips_per_class=4, frames=4, frame_size=16, progress=False)
     assert (s2.info["clip_cache"], s2.info["feature_cache"]) == (s.info["clip_cache"], s.info["feature_cache"])
     assert str(tmp_path / "node") in s2.info["paths"]["feature_cache"]
+
+
+def test_push_run_takes_tensorboard_logs_by_their_safe_path(hq, tmp_path, monkeypatch):
+    "A run named with a space, slashes and `..`: its TensorBoard events reach Blob; nothing outside runs/ does."
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    c = MlflowClient(uri)
+    name = "../../../lr 0.1/a"
+    run = c.create_run(c.create_experiment("my exp"), run_name=name)
+    c.log_metric(run.info.run_id, "test_acc", 0.5)
+    tb = tensorboard_dir("my exp", name, create=True)
+    assert tb.resolve().is_relative_to((tmp_path / "runs" / "tb").resolve())
+    (tb / "events.out.tfevents.1.host").write_bytes(b"real events")
+    # where the name, joined as it is, would lead: outside runs/
+    outside = tmp_path / "runs" / "tb" / "my exp" / name
+    assert not outside.resolve().is_relative_to((tmp_path / "runs").resolve())
+    outside.mkdir(parents=True)
+    (outside / "private.txt").write_bytes(b"not a run's")
+    r = push_run(run.info.run_id, uri)
+    assert r["name"] == run.info.run_id
+    m = HQStore().manifest(run.info.run_id, "run")
+    assert sorted(f["path"] for f in m["files"]) == ["run.json", "tb/events.out.tfevents.1.host"]
+    back = pull(run.info.run_id, "run", dest=tmp_path / "back")
+    assert (Path(back["dest"]) / "tb" / "events.out.tfevents.1.host").read_bytes() == b"real events"
+    assert json.loads((Path(back["dest"]) / "run.json").read_text())["run_name"] == name
 
 
 # ------------------------------------------------------------------------- fault: Azurite stopped mid-push

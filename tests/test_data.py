@@ -77,10 +77,8 @@ def test_val_split_is_by_group(ucf):
 
 def test_both_layouts_and_crlf(ucf, tmp_path, runs):
     official = tmp_path / "official"
-    (official / "UCF-101").mkdir(parents=True)
-    for d in ucf.iterdir():
-        if d.is_dir() and d.name != "ucfTrainTestlist":
-            os.symlink(d, official / "UCF-101" / d.name)
+    official.mkdir()
+    os.symlink(ucf, official / "UCF-101")  # the videos folder may live elsewhere (another disk): it is resolved first
     (official / "ucfTrainTestlist").mkdir()
     for f in (ucf / "ucfTrainTestlist").iterdir():  # CRLF everywhere
         (official / "ucfTrainTestlist" / f.name).write_bytes(f.read_bytes().replace(b"\n", b"\r\n"))
@@ -120,6 +118,26 @@ def bad(ucf, tmp_path):
     (tmp_path / "outside.avi").write_bytes(b)
     append(lists / "trainlist01.txt", "../outside.avi 1")
     append(lists / "testlist01.txt", "MoveRight/../../outside.avi")
+    append(lists / "testlist01.txt", str(tmp_path / "outside.avi"))  # absolute
+    # a symlink inside the root pointing outside it, as a file and as a whole class folder
+    os.symlink(tmp_path / "outside.avi", ds / "MoveRight/v_MoveRight_g11_c01.avi")
+    append(lists / "trainlist01.txt", "MoveRight/v_MoveRight_g11_c01.avi 1")
+    (tmp_path / "elsewhere").mkdir()
+    data.write_avi(tmp_path / "elsewhere/v_Linked_g11_c01.avi", np.zeros((8, 16, 16, 3), np.uint8))
+    os.symlink(tmp_path / "elsewhere", ds / "Linked")
+    # a class listed in classInd.txt whose folder holds no videos
+    (ds / "Empty").mkdir()
+    append(lists / "classInd.txt", "4 Empty")
+    append(lists / "classInd.txt", "5 Linked")
+    append(lists / "trainlist01.txt", "Linked/v_Linked_g11_c01.avi 5")
+    # good videos with spaces and non-ASCII characters in their names: kept and decoded
+    for name in ("MoveLeft/v_Move Left_g12_c01.avi", "MoveDown/v_Déplacé_ünï_g13_c01.avi"):
+        data.write_avi(ds / name, np.full((8, 16, 16, 3), 99, np.uint8))
+        append(lists / "trainlist01.txt", f"{name} {2 if 'Left' in name else 3}")
+    # a duplicate line, a 0-byte video
+    append(lists / "trainlist01.txt", "MoveLeft/v_Move Left_g12_c01.avi 2")
+    (ds / "MoveRight/v_MoveRight_g12_c01.avi").write_bytes(b"")
+    append(lists / "trainlist01.txt", "MoveRight/v_MoveRight_g12_c01.avi 1")
     return ds
 
 
@@ -139,8 +157,21 @@ def test_bad_input_is_skipped_and_good_clips_kept(bad, runs):
     assert "escapes" in reasons["../outside.avi"] and "escapes" in reasons["MoveRight/../../outside.avi"]
     assert where["../outside.avi"].startswith("trainlist01.txt:")
     assert where["MoveRight/../../outside.avi"] == "testlist01.txt:7"
-    # every good clip is there: 24 originals - 3 broken + the 2-frame one
-    assert len(s.train) + len(s.test) == n_listed_good - 3 + 1
+    assert "escapes" in reasons[str(bad.parent / "outside.avi")]
+    assert reasons["MoveRight/v_MoveRight_g11_c01.avi"].startswith("resolves outside the dataset root (to ")
+    assert str(bad.parent / "elsewhere") in reasons["Linked/v_Linked_g11_c01.avi"]
+    assert reasons["MoveRight/v_MoveRight_g12_c01.avi"] == "empty file (0 bytes)"
+    assert reasons["MoveLeft/v_Move Left_g12_c01.avi"] == "listed twice"
+    assert [d["path"] for d in s.info["skipped"]].count("MoveLeft/v_Move Left_g12_c01.avi") == 1
+    assert s.info["empty_classes"] == ["Empty", "Linked"]
+    # every good clip is there: 24 originals - 3 broken + the 2-frame one + the two oddly named ones
+    assert len(s.train) + len(s.test) == n_listed_good - 3 + 1 + 2
+    ents = json.loads((Path(s.info["paths"]["clip_cache"]) / "meta.json").read_text())["entries"]
+    odd = [i for i, e in enumerate(ents) if e["path"] in ("MoveLeft/v_Move Left_g12_c01.avi",
+                                                           "MoveDown/v_Déplacé_ünï_g13_c01.avi")]
+    assert len(odd) == 2 and [ents[i]["group"] for i in odd] == [12, 13]
+    clips = data.ClipCache.open(s.info["paths"]["clip_cache"]).clips
+    assert all(abs(float(clips[i].mean()) - 99) < 3 for i in odd)  # decoded, not skipped
     short = {d["path"]: d["frames"] for d in s.info["short"]}
     assert short["MoveDown/v_MoveDown_g09_c99.avi"] == 2 and len(short) == len(s.train) + len(s.test)
     i = [e["path"] for e in json.loads((Path(s.info["paths"]["clip_cache"]) / "meta.json").read_text())["entries"]]
@@ -150,7 +181,7 @@ def test_bad_input_is_skipped_and_good_clips_kept(bad, runs):
     assert min(s.train.lengths.tolist()) == 2
     summary = build_cache(bad, 1, frames=12, size=16)
     json.dumps(summary)
-    assert summary["clips"] == 22 and len(summary["skipped"]) == len(s.info["skipped"])
+    assert summary["clips"] == 24 and len(summary["skipped"]) == len(s.info["skipped"])
 
 
 def test_refusals_name_the_file(ucf, tmp_path, runs):

@@ -10,7 +10,8 @@ import time
 import pytest
 from services import Azurite, MLflowServer, RayCluster
 
-from echoes.cloud import cache_paths, push_caches, run_sweep_ray
+from echoes.cloud import cache_paths, push_caches
+from echoes.cluster import run_sweep_ray
 
 pytestmark = pytest.mark.slow
 

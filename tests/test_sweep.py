@@ -5,34 +5,33 @@ from pathlib import Path
 import pytest
 import zmq
 
-from echoes.compare import client, search_all
-from echoes.sweep import load_sweep, run_sweep, trials
+from echoes.sweep import load_sweep, run_sweep
+from echoes.tracking import client, search_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_sweep_file():
     sw = load_sweep(ROOT / "sweeps" / "default.yaml")
-    ts = trials(sw)
-    assert {t["model"] for t in ts} == {"esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean"}
-    assert len(sw["seeds"]) >= 3
-    esn = {(t["params"]["spectral_radius"], t["params"]["leak"]) for t in ts if t["model"] == "esn"}
+    assert {t.model for t in sw.trials} == {"esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean"}
+    assert len(sw.seeds) >= 3
+    esn = {(t.params["spectral_radius"], t.params["leak"]) for t in sw.trials if t.model == "esn"}
     assert len(esn) >= 4, "the default sweep varies the ESN's spectral radius and leak rate"
-    assert all(t["params"]["dataset"] == "synthetic" for t in ts)
+    assert all(t.params["dataset"] == "synthetic" for t in sw.trials)
 
 
 def test_smoke_sweep_file():
-    ts = trials(ROOT / "sweeps" / "smoke.yaml")
-    assert len(ts) <= 12 and len({t["model"] for t in ts}) >= 3
+    ts = load_sweep(ROOT / "sweeps" / "smoke.yaml").trials
+    assert len(ts) <= 12 and len({t.model for t in ts}) >= 3
 
 
 def test_bad_sweeps_fail_early():
     with pytest.raises(ValueError, match="valid models"):
-        trials({"models": ["transformer"]})
+        load_sweep({"models": ["transformer"]})
     with pytest.raises(ValueError, match="unknown parameter"):
-        trials({"models": {"esn": {"spectral_radus": [0.9]}}})
+        load_sweep({"models": {"esn": {"spectral_radus": [0.9]}}})
     with pytest.raises(ValueError, match="unknown sweep key"):
-        trials({"models": ["esn"], "seed": 3})
+        load_sweep({"models": ["esn"], "seed": 3})
     with pytest.raises(FileNotFoundError):
         load_sweep("no/such/sweep.yaml")
 
