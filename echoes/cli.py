@@ -5,12 +5,12 @@ Every command that produces a result prints it as JSON with `--json`, so it can 
 
 # %% ../nbs/10_cli.ipynb #d1458073
 from __future__ import annotations
-import argparse, ast, dataclasses, inspect, json, sys, typing
+import argparse, ast, dataclasses, errno, inspect, json, logging, sys, typing
 from pathlib import Path
 from fastcore.docments import docments
 
 # %% auto #0
-__all__ = ['parse_value', 'parser', 'main']
+__all__ = ['parse_value', 'user_error', 'parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #3cc11dad
 def parse_value(s: str):
@@ -37,6 +37,7 @@ def _root() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     "The `echoes` parser without its subcommands, and the place to add them."
     p = argparse.ArgumentParser(prog="echoes", description="Compare recurrent architectures for video "
                                 "classification: Echo State Networks against trained RNNs.")
+    p.add_argument("--debug", action="store_true", help="show the whole traceback of an error, not one line")
     return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
 def _emit(result, as_json: bool, human=None) -> None:
@@ -220,6 +221,23 @@ def _add_hq(sub) -> None:
     h.set_defaults(func=_cmd_hq)
 
 # %% ../nbs/10_cli.ipynb #f2f057b8
+def _server_unreachable(e: BaseException) -> bool:
+    "An MLflow client error that says its tracking server did not answer."
+    return type(e).__name__ == "MlflowException" and any(
+        s in str(e) for s in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection"))
+
+def user_error(e: BaseException, tracking_uri: str | None = None) -> str | None:
+    "The one line to print for an error the user can act on, or None for a bug."
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "database or disk is full" in str(e):
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return f"no space left on device{where} (free some space, or point ECHOES_RUNS at a larger disk)"
+    if _server_unreachable(e):
+        return (f"the tracking server at {tracking_uri or 'the tracking URI'} did not answer; what was logged is kept, "
+                "and so are the run's checkpoints: run the same command again, once it is back, to resume")
+    if isinstance(e, (ValueError, FileNotFoundError, RuntimeError)): return str(e)
+    return None
+
+# %% ../nbs/10_cli.ipynb #63338d69
 def parser() -> argparse.ArgumentParser:
     "The `echoes` argument parser."
     p, sub = _root()
@@ -229,7 +247,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `echoes` command."
     a = parser().parse_args(argv)
+    if not a.debug:  # MLflow logs a store error with its traceback before raising it; we report it once, below
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try: return a.func(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"echoes {a.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if a.debug or (line := user_error(e, getattr(a, "tracking_uri", None))) is None: raise
+        print(f"echoes {a.command}: error: {line}", file=sys.stderr)
         return 2

@@ -278,9 +278,10 @@ def __exit__(self: Run, etype, exc, tb) -> bool:
     finally:
         get_logger().removeHandler(self._handler); self._handler.close()
         if self._old_sigterm is not None: signal.signal(signal.SIGTERM, self._old_sigterm)
-        self.client.set_terminated(self.id, status)
-        if status == "FINISHED": shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        self._lock.close()
+        try:  # an unreachable store fails here: the checkpoints stay for the resume, the locks go anyway
+            self.client.set_terminated(self.id, status)
+            if status == "FINISHED": shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        finally: self._lock.close()
     return False
 
 def start_run(cfg: TrainConfig | dict | None = None, tags: dict | None = None, *,

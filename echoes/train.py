@@ -58,7 +58,8 @@ def _field(default, *roles: str, **bounds):
 
 def _parse_ridge(v):
     "A ridge value or grid from a float, a list, or a string such as '1e-4,1e-2' or '[1e-4, 1e-2]'."
-    if v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool)): return v
+    if v is None: return None
+    if isinstance(v, numbers.Real) and not isinstance(v, bool): return float(v)
     try:
         if isinstance(v, str):
             vals = [float(p) for p in v.strip("[]() ").replace(";", ",").split(",") if p.strip()]
@@ -265,10 +266,11 @@ CKPT_NAME, CKPT_VERSION = "last.pt", 1
 def save_checkpoint(path: Path | str, state: dict) -> Path:
     "Write `state` atomically to `path`."
     with atomic_path(path) as tmp:
-        try: torch.save({"version": CKPT_VERSION, **state}, tmp)
+        try:  # our own handle: closed (and its space freed) even when torch fails halfway
+            with open(tmp, "wb") as f: torch.save({"version": CKPT_VERSION, **state}, f)
         except RuntimeError as e:  # torch reports a full disk as a failed write: say which it was
             if shutil.disk_usage(tmp.parent).free < 1 << 20:
-                raise OSError(errno.ENOSPC, f"no space left on device for the checkpoint {path}") from e
+                raise OSError(errno.ENOSPC, "No space left on device for the checkpoint", str(path)) from e
             raise
     return Path(path)
 

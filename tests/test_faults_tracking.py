@@ -23,9 +23,8 @@ def train(runs: Path, uri: str, run_name: str, retries: int, *extra: str, wait: 
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "OMP_NUM_THREADS": "1"}
     cmd = [str(BIN / "echoes"), "train", "--model", "gru", "--epochs", str(EPOCHS), "--patience", "0",
            "--hidden-size", "32", "--tracking-uri", uri, "--run-name", run_name, "--log-model", "False", *extra]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if wait: p.communicate(timeout=600)
-    return p
+    if wait: return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def steps(uri: str, run_name: str, metric: str = "train_loss") -> tuple[str | None, list[int]]:
