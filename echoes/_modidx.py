@@ -455,6 +455,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'echoes.train._eval_loss_acc': ('train.html#_eval_loss_acc', 'echoes/train.py'),
                               'echoes.train._fault': ('train.html#_fault', 'echoes/train.py'),
                               'echoes.train._field': ('train.html#_field', 'echoes/train.py'),
+                              'echoes.train._fields': ('train.html#_fields', 'echoes/train.py'),
                               'echoes.train._fit_closed_form': ('train.html#_fit_closed_form', 'echoes/train.py'),
                               'echoes.train._fresh_state': ('train.html#_fresh_state', 'echoes/train.py'),
                               'echoes.train._history': ('train.html#_history', 'echoes/train.py'),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import numbers
 import os
@@ -148,11 +149,17 @@ def _check_bounds(name: str, v, ge=None, gt=None, le=None, lt=None) -> None:
         if not ok: raise ConfigError(f"{name} must be {op} {b}; got {v!r}")
 
 # %% ../nbs/05_train.ipynb #978602a3
+@functools.cache
+def _fields() -> dict:
+    "Each `TrainConfig` field by name, with its resolved annotation."
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+
 def check_value(name: str, v):
     "`v` checked and coerced as `TrainConfig` field `name`."
-    f = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
-    if f is None: raise ConfigError(f"unknown parameter {name!r}")
-    v = _parse_ridge(v) if name == "ridge" else _coerce(name, typing.get_type_hints(TrainConfig)[name], v)
+    if name not in _fields(): raise ConfigError(f"unknown parameter {name!r}")
+    f, hint = _fields()[name]
+    v = _parse_ridge(v) if name == "ridge" else _coerce(name, hint, v)
     if v is not None and f.metadata["bounds"]: _check_bounds(name, v, **f.metadata["bounds"])
     return v
 
