@@ -206,10 +206,11 @@ def _add_hq(sub) -> None:
     hp.add_argument("--run", default=None, help="push this MLflow run's artifacts and TensorBoard logs instead")
     hp.add_argument("--tracking-uri", default=None); hp.add_argument("--name", default=None)
     hp.add_argument("--kind", default="cache", help="object kind (default: %(default)s)")
-    hl = hs.add_parser("pull", help="pull an object (skipped when the local copy matches)")
+    hl = hs.add_parser("pull", help="pull an object into DEST, merging: files it does not name are kept, modified ones are refused unless --force")
     hl.add_argument("name", help="cache key or object name"); hl.add_argument("--kind", default="cache")
     hl.add_argument("--dest", type=Path, default=None, help="where to put it (default: where it came from under runs/)")
-    hl.add_argument("--force", action="store_true", help="download even when the local copy matches")
+    hl.add_argument("--force", action="store_true", help="overwrite local files that differ from the object, keeping "
+                    "each as NAME.local-TIME beside it (every local file is hashed again)")
     hls = hs.add_parser("ls", help="list committed objects"); hls.add_argument("--kind", default=None)
     hls.add_argument("--verify", action="store_true", help="also check every object's blobs and checksums")
     hv = hs.add_parser("server", help="start the HQ MLflow tracking server (artifacts on Blob)")

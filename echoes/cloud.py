@@ -7,7 +7,7 @@ every access to it goes through."""
 # %% ../nbs/09_cloud.ipynb #7c8a0f2a
 # ruff: noqa: RUF022, I001  (nbdev writes __all__ in definition order and rewrites imports as relative)
 from __future__ import annotations
-import base64, concurrent.futures as cf, contextlib, hashlib, json, logging, os, re, shutil, socket, tempfile, threading, time, urllib.parse
+import base64, concurrent.futures as cf, contextlib, hashlib, itertools, json, logging, os, re, shutil, socket, tempfile, threading, time, urllib.parse
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from fastcore.basics import patch
@@ -431,73 +431,92 @@ def default_dest(self: HQStore, m: dict) -> Path:
     "Where a pull puts an object by default: its `root` under `runs_dir()`, else `runs_dir('hq', kind, name)`."
     return runs_dir(create=False) / m["root"] if m.get("root") else runs_dir("hq", m["kind"]) / m["name"]
 
+def _local(m: dict, dest: Path, e: dict) -> Path: return dest / e["path"] if m["is_dir"] else dest
+
+@patch
+def compare(self: HQStore, m: dict, dest: Path, hashes: _HashCache | None = None) -> tuple[list[dict], list[dict]]:
+    "The manifest's entries missing at `dest`, and those there that differ from it: `(missing, modified)`."
+    hashes, missing, modified = hashes or _HashCache(None), [], []
+    for e in m["files"]:
+        f = _local(m, dest, e)
+        if not f.exists() and not f.is_symlink(): missing.append(e)
+        elif not f.is_file() or f.stat().st_size != e["size"] or hashes.sha(f) != e["sha256"]: modified.append(e)
+    return missing, modified
+
 @patch
 def matches(self: HQStore, m: dict, dest: Path, hashes: _HashCache | None = None) -> bool:
-    "Whether the local copy at `dest` holds exactly the manifest's files (by size, then sha256)."
-    hashes = hashes or _HashCache(None)
-    if not m["is_dir"]:
-        e = m["files"][0]
-        return dest.is_file() and dest.stat().st_size == e["size"] and hashes.sha(dest) == e["sha256"]
-    if not dest.is_dir(): return False
-    local = list_files(dest)
-    if set(local) != {e["path"] for e in m["files"]}: return False
-    return all(local[e["path"]].stat().st_size == e["size"] and hashes.sha(local[e["path"]]) == e["sha256"]
-               for e in m["files"])
+    "Whether every file the manifest names is at `dest`, intact (files it does not name may be there too)."
+    return self.compare(m, dest, hashes) == ([], [])
 
-def _replace(src: Path, dest: Path, matches: Callable[[], bool]) -> None:
-    "Move the verified download `src` into place at `dest`; if another process got there first with the same content, keep theirs."
-    if dest.exists():
-        if matches(): return
-        old = dest.with_name(f".{dest.name}.hq-old-{os.getpid()}")
-        os.replace(dest, old)
-        try: os.replace(src, dest)
-        finally:
-            if old.is_dir(): shutil.rmtree(old, ignore_errors=True)
-            else: old.unlink(missing_ok=True)
-        return
-    try: os.replace(src, dest)
-    except OSError:
-        if not matches(): raise
+# %% ../nbs/09_cloud.ipynb #3e8cd2a3
+@patch
+def _fetch(self: HQStore, entries: list[dict], tmp: Path) -> int:
+    "Download `entries` under `tmp` at their manifest paths, each content once and verified; the bytes downloaded."
+    by_sha = {}
+    for e in entries: by_sha.setdefault(e["sha256"], []).append(e)
+    def one(sha):
+        es = by_sha[sha]
+        for e in es: (tmp / e["path"]).parent.mkdir(parents=True, exist_ok=True)
+        self.download_file(sha, es[0]["size"], tmp / es[0]["path"])
+        for e in es[1:]: shutil.copyfile(tmp / es[0]["path"], tmp / e["path"])  # the same content under several paths
+        for e in es:  # keep modification times: cache keys made of (size, mtime) stay valid here
+            if t := e.get("mtime_ns"): os.utime(tmp / e["path"], ns=(t, t))
+    with cf.ThreadPoolExecutor(self.max_concurrency) as pool: list(pool.map(one, by_sha))
+    return sum(es[0]["size"] for es in by_sha.values())
+
+def _keep_name(f: Path) -> Path:
+    "A free name beside `f` for the local file a forced pull sets aside: `<name>.local-<time>`."
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return next(p for i in itertools.count() if not (p := f.with_name(f"{f.name}.local-{stamp}" + (f"-{i}" if i else ""))).exists())
+
+def _install(m: dict, dest: Path, tmp: Path, entries: list[dict], modified: set[str]) -> list[str]:
+    "Rename the downloaded `entries` into place; the local files named in `modified` are kept aside. Returns those."
+    kept = []
+    for e in entries:
+        f = _local(m, dest, e)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if e["path"] in modified and (f.exists() or f.is_symlink()): os.replace(f, k := _keep_name(f)); kept.append(str(k))
+        os.replace(tmp / e["path"], f)
+    return kept
+
+# %% ../nbs/09_cloud.ipynb #bd8718ca
+def _modified_error(kind: str, name: str, dest: Path, modified: list[dict]) -> HQError:
+    paths = [e["path"] for e in modified]
+    return HQError(f"pull {kind}/{name}: {len(paths)} local file(s) in {dest} differ from the object and would be "
+                   f"overwritten: {', '.join(paths[:10])}{' ...' if len(paths) > 10 else ''}; nothing was changed. Move "
+                   "them away, or pull with force=True (echoes hq pull --force) to keep each as <name>.local-<time>")
 
 # %% ../nbs/09_cloud.ipynb #3e64e47b
 @patch
 def pull(self: HQStore, name: str, kind: str = "cache", dest: Path | str | None = None, force: bool = False) -> dict:
-    "Pull object `kind/name` to `dest` (default `default_dest`); skipped when the local copy matches."
+    "Pull object `kind/name` into `dest` (default `default_dest`), merging; refuses to overwrite modified files unless `force`."
     t0 = time.time()
-    m = self.manifest(name, kind)
-    if m is None: raise HQError(f"no committed object {kind}/{name} in container {self.container!r}")
+    if (m := self.manifest(name, kind)) is None: raise HQError(f"no committed object {kind}/{name} in container {self.container!r}")
     dest = Path(dest) if dest else self.default_dest(m)
     hashes = _HashCache(runs_dir("hq") / "hashes.json")
+    check = _HashCache(None) if force else hashes  # forced: every local file hashed afresh, nothing remembered trusted
     base = {"kind": kind, "name": name, "container": self.container, "dest": str(dest), "files": len(m["files"]), "bytes": m["bytes"]}
-    if not force and self.matches(m, dest, hashes):
+    missing, modified = self.compare(m, dest, check)
+    if modified and not force: raise _modified_error(kind, name, dest, modified)
+    if not missing and not modified:
         hashes.save()
-        return {**base, "skipped": True, "downloaded_bytes": 0, "seconds": round(time.time() - t0, 3)}
+        return {**base, "skipped": True, "downloaded_bytes": 0, "kept_local": [], "seconds": round(time.time() - t0, 3)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.hq-", suffix=".part"))
     try:
-        by_sha = {}
-        for e in m["files"]: by_sha.setdefault(e["sha256"], []).append(e)
-        def one(sha):
-            es = by_sha[sha]
-            first = tmp / es[0]["path"] if m["is_dir"] else tmp / dest.name
-            first.parent.mkdir(parents=True, exist_ok=True)
-            self.download_file(sha, es[0]["size"], first)
-            for e in es[1:]:  # the same content under several paths: one download
-                (tmp / e["path"]).parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(first, tmp / e["path"])
-            for e in es:  # keep modification times: cache keys made of (size, mtime) stay valid here
-                if e.get("mtime_ns"):
-                    t = e["mtime_ns"]; os.utime(tmp / e["path"] if m["is_dir"] else first, ns=(t, t))
-        with cf.ThreadPoolExecutor(self.max_concurrency) as pool: list(pool.map(one, by_sha))
-        _replace(tmp if m["is_dir"] else tmp / dest.name, dest, lambda: self.matches(m, dest, hashes))
+        got = self._fetch(missing + modified, tmp)
+        again = self.compare(m, dest, check)[1]   # edited while we downloaded: still never overwritten
+        if not force and (new := [e for e in again if e not in modified]): raise _modified_error(kind, name, dest, new)
+        kept = _install(m, dest, tmp, missing + modified, {e["path"] for e in modified + again})
     finally: shutil.rmtree(tmp, ignore_errors=True)
     for e in m["files"]:  # remember the verified hashes so the next pull's check is a stat
-        f = dest / e["path"] if m["is_dir"] else dest
-        st = f.stat(); hashes.d[str(f.resolve())] = [st.st_size, st.st_mtime_ns, e["sha256"]]
+        st = (f := _local(m, dest, e)).stat(); hashes.d[str(f.resolve())] = [st.st_size, st.st_mtime_ns, e["sha256"]]
     hashes.save()
+    if kept: self.log.warning(f"pulled {kind}/{name} over {len(kept)} modified local file(s), kept as {', '.join(kept)}")
     dt = time.time() - t0
-    self.log.info(f"pulled {kind}/{name} to {dest}: {m['bytes'] / 2**20:.1f} MiB in {dt:.1f} s")
-    return {**base, "skipped": False, "downloaded_bytes": m["bytes"], "seconds": round(dt, 3),
-            "mib_per_s": round(m["bytes"] / 2**20 / dt, 2) if dt > 0 else None}
+    self.log.info(f"pulled {kind}/{name} to {dest}: {got / 2**20:.1f} MiB in {dt:.1f} s")
+    return {**base, "skipped": False, "downloaded_bytes": got, "kept_local": kept, "seconds": round(dt, 3),
+            "mib_per_s": round(got / 2**20 / dt, 2) if dt > 0 else None}
 
 # %% ../nbs/09_cloud.ipynb #6c6f32de
 @patch

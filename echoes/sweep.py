@@ -6,22 +6,23 @@ pool (or another executor), resumable, and robust to a failing trial."""
 
 # %% ../nbs/08_sweep.ipynb #bc3b2f41
 from __future__ import annotations
-import concurrent.futures as cf, contextlib, copy, dataclasses, itertools, multiprocessing as mp, os, tempfile, time, warnings
+import concurrent.futures as cf, contextlib, copy, dataclasses, itertools, multiprocessing as mp, os, signal, socket, sys, tempfile, time, warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import yaml
 from fastcore.basics import patch
-from .core import fmt_value, get_logger, kernel_config, project_root, runs_dir, stable_hash
+from .core import ConfigError, fmt_value, get_logger, kernel_config, project_root, runs_dir, safe_name, stable_hash
 from .data import load as load_data
 from .models import MODELS
-from .train import RESULT_METRICS, TrainConfig, config_fields
+from .train import RESULT_METRICS, TrainConfig, check_value, config_fields
 from .tracking import client as _client, experiment_id, resolve_tracking_uri, search_all
 
 # %% auto #0
-__all__ = ['RESERVED', 'NOT_IDENTITY', 'SWEEP_KEYS', 'Executor', 'check_params', 'trial_name', 'Trial', 'Sweep', 'load_sweep',
-           'child_runs', 'start_parent', 'default_notebook', 'plan', 'TrialResult', 'run_trial', 'cpu_count', 'gpu_ids',
-           'worker_env', 'warm_caches', 'LocalExecutor', 'run_sweep', 'sweep_report']
+__all__ = ['RESERVED', 'NOT_IDENTITY', 'SWEEP_KEYS', 'Executor', 'check_params', 'trial_name', 'Trial', 'sweep_seeds',
+           'sweep_models', 'check_sweep_fields', 'Sweep', 'load_sweep', 'child_runs', 'start_parent',
+           'default_notebook', 'plan', 'TrialResult', 'owner_tag', 'owner_alive', 'run_trial', 'cpu_count', 'gpu_ids',
+           'worker_env', 'warm_caches', 'die_with_parent', 'LocalExecutor', 'run_sweep', 'sweep_report']
 
 # %% ../nbs/08_sweep.ipynb #3101df1b
 # Set by the sweep itself (top level or per trial), never by `params`.
@@ -29,13 +30,19 @@ RESERVED = config_fields("run", "record")
 # Where or how a trial runs, not what it computes: left out of the trial's identity (its key).
 NOT_IDENTITY = config_fields("runtime")
 
-def check_params(where: str, params: dict) -> None:
-    "Refuse what `params` (or a model's overrides, at `where`) may not set: reserved and unknown names."
-    if bad := sorted(set(params) & set(RESERVED)):
-        raise ValueError(f"{where} sets {bad}: set `dataset` and `seeds` at the top level of the sweep")
+def check_params(where: str, params) -> None:
+    "Refuse what `params` (or a model's overrides, at `where`) may not set: reserved or unknown names, bad values."
+    if not isinstance(params, dict): raise ConfigError(f"{where}: must be a mapping parameter: value; got {params!r}")
+    if bad := sorted(map(str, set(params) & set(RESERVED))):
+        raise ConfigError(f"{where} sets {bad}: set `dataset` and `seeds` at the top level of the sweep")
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    if bad := sorted(set(params) - set(names)):
-        raise ValueError(f"unknown parameter(s) {bad} in {where}; valid: {', '.join(n for n in names if n not in RESERVED)}")
+    if bad := sorted(map(str, set(params) - set(names))):
+        raise ConfigError(f"{where}: unknown parameter(s) {bad}; valid: {', '.join(n for n in names if n not in RESERVED)}")
+    for k, v in params.items():
+        if v == []: raise ConfigError(f"{where}: {k}: an empty list is a grid of no values")
+        for x in v if isinstance(v, list) else [v]:  # a grid's every value, checked as the field checks one
+            try: check_value(k, x)
+            except ConfigError as e: raise ConfigError(f"{where}: {e}") from None
 
 # %% ../nbs/08_sweep.ipynb #b8518007
 def trial_name(model: str, varied: dict, seed: int) -> str:
@@ -67,6 +74,45 @@ class Trial:
         key = stable_hash({k: v for k, v in params.items() if k not in NOT_IDENTITY})
         return cls(key, trial_name(params["model"], varied, params["seed"]), params["model"], params["seed"], params, varied)
 
+# %% ../nbs/08_sweep.ipynb #0a897f3e
+def sweep_seeds(v) -> list[int]:
+    "A sweep's `seeds` as a list: a count n (0 .. n-1) or a list of integers."
+    what = "must be an integer or a list of integers"
+    if isinstance(v, bool) or not isinstance(v, (int, list)): raise ConfigError(f"seeds: {what}; got {v!r}")
+    if isinstance(v, int) and v < 1: raise ConfigError(f"seeds: a count of seeds must be >= 1; got {v}")
+    seeds = list(range(v)) if isinstance(v, int) else v
+    if not seeds: raise ConfigError("seeds: a sweep needs at least one seed")
+    if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)]:
+        raise ConfigError(f"seeds: {what}; got {bad[0]!r} in {seeds!r}")
+    for s in seeds:
+        try: check_value("seed", s)
+        except ConfigError as e: raise ConfigError(f"seeds: {e}") from None
+    return seeds
+
+def sweep_models(v) -> dict[str, dict]:
+    "A sweep's `models` as name -> overrides: from a list of names or a mapping name -> overrides (or nothing)."
+    what = "must be a list of model names or a mapping name -> overrides"
+    if not v: raise ConfigError(f"models: a sweep needs `models`: it {what}")
+    if isinstance(v, list):
+        if bad := [m for m in v if not isinstance(m, str)]: raise ConfigError(f"models: {what}; got {bad[0]!r} in {v!r}")
+        v = dict.fromkeys(v)
+    if not isinstance(v, dict): raise ConfigError(f"models: {what}; got {v!r}")
+    if bad := sorted(map(str, set(v) - set(MODELS))):
+        raise ConfigError(f"models: unknown model(s) {bad}; valid models: {', '.join(MODELS)}")
+    for m, o in v.items(): check_params(f"models.{m}", {} if o is None else o)
+    return {m: dict(o or {}) for m, o in v.items()}
+
+# %% ../nbs/08_sweep.ipynb #98cad852
+def check_sweep_fields(sw) -> None:
+    "Refuse a sweep's `name`, texts and `parallel` unless each is what it must be."
+    if not isinstance(sw.name, str) or safe_name(sw.name) != sw.name:
+        raise ConfigError(f"name: must be one plain file name (letters, digits, '.', '_', '-'); got {sw.name!r}")
+    for k in ("description", "experiment", "notebook"):
+        if (v := getattr(sw, k)) is not None and not isinstance(v, str): raise ConfigError(f"{k}: must be text; got {v!r}")
+    if not isinstance(sw.dataset, str): raise ConfigError(f"dataset: must be a dataset's name; got {sw.dataset!r}")
+    if isinstance(sw.parallel, bool) or not isinstance(sw.parallel, int) or sw.parallel < 1:
+        raise ConfigError(f"parallel: must be an integer >= 1; got {sw.parallel!r}")
+
 # %% ../nbs/08_sweep.ipynb #18ca8b12
 @dataclass
 class Sweep:
@@ -84,17 +130,11 @@ class Sweep:
     key: str = field(init=False)
 
     def __post_init__(self):
-        self.seeds = list(range(self.seeds)) if isinstance(self.seeds, int) else [int(s) for s in self.seeds]
-        if not self.seeds: raise ValueError("a sweep needs at least one seed")
-        if not self.models: raise ValueError("a sweep needs `models`: a list of names or a mapping name -> overrides")
-        if isinstance(self.models, (list, tuple)): self.models = dict.fromkeys(self.models)
-        self.models = {m: dict(o or {}) for m, o in self.models.items()}
-        if bad := sorted(set(self.models) - set(MODELS)):
-            raise ValueError(f"unknown model(s) {bad} in sweep {self.name!r}; valid models: {', '.join(MODELS)}")
-        for where, d in [("params", self.params), *((f"models.{m}", o) for m, o in self.models.items())]:
-            check_params(where, d)
+        check_sweep_fields(self)
+        self.seeds, self.models = sweep_seeds(self.seeds), sweep_models(self.models)
+        check_params("params", self.params)
         self.trials = self.expand()
-        if len({t.key for t in self.trials}) < len(self.trials): raise ValueError(f"sweep {self.name!r} lists a trial twice")
+        if len({t.key for t in self.trials}) < len(self.trials): raise ConfigError(f"sweep {self.name!r} lists a trial twice")
         self.key = stable_hash({"name": self.name, "dataset": self.dataset, "trials": sorted(t.key for t in self.trials)})
 
     def to_dict(self) -> dict:
@@ -117,24 +157,30 @@ def expand(self: Sweep) -> list[Trial]:
             for seed in self.seeds:
                 t = Trial.make({"model": model, "dataset": self.dataset, **fixed, **varied, "seed": seed}, varied)
                 try: TrainConfig.from_dict(t.params)
-                except (TypeError, ValueError) as e: raise ValueError(f"sweep {self.name!r}, {t.name}: {e}") from None
+                except (TypeError, ValueError) as e: raise ConfigError(f"trial {t.name}: {e}") from None
                 out.append(t)
     return out
 
 # %% ../nbs/08_sweep.ipynb #319b4674
 def load_sweep(src: str | Path | dict | Sweep) -> Sweep:
-    "The `Sweep` of a YAML file path, YAML text or a dict (a `Sweep` is returned as it is)."
+    "The `Sweep` of a YAML file path, YAML text or a dict; a file's errors name it (a `Sweep` is returned as it is)."
     if isinstance(src, Sweep): return src
-    if isinstance(src, dict): d, stem = copy.deepcopy(src), None
-    elif isinstance(src, Path) or (isinstance(src, str) and "\n" not in src and src.endswith((".yaml", ".yml"))):
-        path = Path(src)
-        if not path.exists(): raise FileNotFoundError(f"sweep file not found: {path}")
-        d, stem = yaml.safe_load(path.read_text()) or {}, path.stem
-    else: d, stem = yaml.safe_load(src) or {}, None
-    if not isinstance(d, dict): raise ValueError(f"a sweep must be a mapping, got {type(d).__name__}")
-    if bad := sorted(set(d) - set(SWEEP_KEYS)):
-        raise ValueError(f"unknown sweep key(s) {bad}; valid keys: {', '.join(SWEEP_KEYS)}")
-    return Sweep(**{"name": stem or "sweep", **d})
+    where, stem = None, None
+    if isinstance(src, dict): d = copy.deepcopy(src)
+    else:
+        if isinstance(src, Path) or (isinstance(src, str) and "\n" not in src and src.endswith((".yaml", ".yml"))):
+            if not (path := Path(src)).exists(): raise FileNotFoundError(f"sweep file not found: {path}")
+            src, where, stem = path.read_text(), str(path), safe_name(path.stem)
+        try: d = yaml.safe_load(src) or {}
+        except yaml.YAMLError as e: raise ConfigError(f"{where or 'sweep'}: not valid YAML: {e}") from None
+    try:
+        if not isinstance(d, dict): raise ConfigError(f"a sweep must be a mapping, got {type(d).__name__}")
+        if bad := sorted(map(str, set(d) - set(SWEEP_KEYS))):
+            raise ConfigError(f"unknown sweep key(s) {bad}; valid keys: {', '.join(SWEEP_KEYS)}")
+        return Sweep(**{"name": stem or "sweep", **d})
+    except ConfigError as e:
+        if where: raise ConfigError(f"{where}: {e}") from None
+        raise
 
 # %% ../nbs/08_sweep.ipynb #a94109e2
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, object]:
@@ -185,10 +231,10 @@ def plan(sweep: Sweep | str | Path | dict, tracking_uri: str | None = None) -> t
     info = start_parent(sw, tracking_uri)
     nb = Path(sw.notebook) if sw.notebook else default_notebook()
     if not nb.exists(): raise FileNotFoundError(f"training notebook not found: {nb}")
-    outdir = Path("notebooks", f"sweep-{sw.name}-{sw.key[:8]}")
+    outdir = Path("notebooks", safe_name(f"sweep-{sw.name}-{sw.key[:8]}"))  # never a path that leaves runs/
     record = {k: info[k] for k in ("tracking_uri", "experiment", "experiment_id", "parent_run_id")}
     return info, [replace(t, sweep=sw.name, sweep_key=sw.key, notebook=str(nb.resolve()),
-                          output=str(outdir / f"{t.name}.ipynb"), **record) for t in sw.trials]
+                          output=str(outdir / f"{safe_name(t.name)}.ipynb"), **record) for t in sw.trials]
 
 # %% ../nbs/08_sweep.ipynb #16c9a5e8
 @dataclass
@@ -215,17 +261,37 @@ class TrialResult:
 
 def _metrics(run) -> dict: return {k: run.data.metrics[k] for k in RESULT_METRICS if k in run.data.metrics}
 
+# %% ../nbs/08_sweep.ipynb #43122503
+def owner_tag() -> str:
+    "Who runs a trial: this host, this process's id and its start time."
+    import psutil
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+def owner_alive(tag: str | None) -> bool:
+    "Whether the process `tag` (an `owner_tag`) names still runs; False for no tag and for another host."
+    import psutil
+    try: host, pid, started = (tag or "").rsplit(":", 2); pid, started = int(pid), float(started)
+    except ValueError: return False
+    if host != socket.gethostname(): return False
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - started) < 0.5 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
 # %% ../nbs/08_sweep.ipynb #4559a3fd
 def _child(client, t: Trial):
     "The trial's child run: found again by its key, else created."
     if (found := child_runs(t.tracking_uri, t.experiment_id, t.parent_run_id).get(t.key)) is not None: return found
     return client.create_run(t.experiment_id, run_name=t.name, tags={
         "mlflow.parentRunId": t.parent_run_id, "echoes.sweep": t.sweep_key, "echoes.trial_key": t.key,
-        "echoes.model": t.model, "echoes.dataset": t.params["dataset"]})
+        "echoes.model": t.model, "echoes.dataset": t.params["dataset"], "echoes.owner": owner_tag()})
 
 def _settle(client, run_id: str, error: str | None) -> tuple[str, str | None]:
     "End the run FINISHED or FAILED as its notebook went; return the trial's status and error."
     run = client.get_run(run_id)
+    if run.info.status == "FINISHED":  # its results are complete, whatever came after: never marked otherwise
+        if error: get_logger("echoes.sweep").warning(f"run {run_id} is FINISHED; not marking it FAILED for: {error}")
+        return "FINISHED", None
     if error:
         if run.info.status != "FAILED": client.set_terminated(run_id, "FAILED")
         with contextlib.suppress(Exception): client.set_tag(run_id, "echoes.error", error[:5000])
@@ -247,7 +313,9 @@ def _execute(t: Trial, out: Path, run_id: str, client) -> str | None:
             pm.execute_notebook(t.notebook, str(out), parameters=params, progress_bar=False,
                                 cwd=str(Path(t.notebook).parent), config=kernel_config())
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED"); raise
+        with contextlib.suppress(Exception):
+            if client.get_run(run_id).info.status != "FINISHED": client.set_terminated(run_id, "KILLED")
+        raise
     except Exception as e:  # a failing notebook, or papermill failing to run it
         ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
         return f"{ename}: {evalue}".strip()[:2000]
@@ -259,6 +327,10 @@ def run_trial(t: Trial) -> TrialResult:
     run = _child(client, t)
     res = TrialResult.of(t, run_id=run.info.run_id)
     if run.info.status == "FINISHED": return replace(res, status="SKIPPED", metrics=_metrics(run))
+    owner = run.data.tags.get("echoes.owner")
+    if run.info.status == "RUNNING" and owner != owner_tag() and owner_alive(owner):
+        return replace(res, status="RUNNING", error=f"being run by another process ({owner})")
+    client.set_tag(res.run_id, "echoes.owner", owner_tag())
     out = runs_dir(create=False) / t.output
     error = _execute(t, out, res.run_id, client)
     if out.exists():
@@ -304,8 +376,18 @@ def warm_caches(trials: list[Trial]) -> None:
         except Exception as e:  # the trials will fail with the full story; nothing to add here
             get_logger("echoes.sweep").warning(f"could not prepare the data of {t.name}: {e}")
 
+# %% ../nbs/08_sweep.ipynb #87693a47
+def die_with_parent(parent: int) -> None:
+    "Have Linux SIGKILL this process as soon as its parent, process `parent`, dies (elsewhere: nothing)."
+    if sys.platform != "linux": return
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent: os._exit(1)  # the parent died before the request took hold
+
 # %% ../nbs/08_sweep.ipynb #64e23bd1
-def _init_worker(slots, parallel: int, cores: int, gpus: list[str]) -> None:
+def _init_worker(parent: int, slots, parallel: int, cores: int, gpus: list[str]) -> None:
+    die_with_parent(parent)
     os.environ.update(worker_env(slots.get(), parallel, cores, gpus))
 
 class LocalExecutor:
@@ -322,7 +404,7 @@ class LocalExecutor:
         slots = ctx.Queue()
         for i in range(parallel): slots.put(i)
         with cf.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(slots, parallel, cpu_count(), gpu_ids())) as pool:
+                                    initargs=(os.getpid(), slots, parallel, cpu_count(), gpu_ids())) as pool:
             futs = {pool.submit(run_trial, t): t for t in trials}
             try:
                 for f in cf.as_completed(futs):

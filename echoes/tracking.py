@@ -66,9 +66,13 @@ def client(uri: str | None = None):
     "An `MlflowClient` on the resolved store; a new SQLite store gets its tables from one process at a time."
     from mlflow import MlflowClient
     uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
-        with file_lock(db.with_name(f"{db.name}.lock")):  # a second process waits here, then finds the tables made
-            MlflowClient(uri).search_experiments(max_results=1)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")); ready = db.with_name(f"{db.name}.ready")
+        # the file appears before its tables do: a marker, written once they are made, says the store is ready
+        if not (ready.exists() and db.exists()):
+            with file_lock(db.with_name(f"{db.name}.lock")):
+                if not (ready.exists() and db.exists()):
+                    MlflowClient(uri).search_experiments(max_results=1); ready.touch()
     return MlflowClient(uri)
 
 def experiment_id(name: str, uri: str | None = None) -> str:

@@ -339,3 +339,44 @@ class RayCluster:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.stop()
+
+
+
+# ------------------------------------------------------------------------- helpers for HQ tests
+def sha(p: Path) -> str:
+    "The sha256 of a file's bytes."
+    import hashlib
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def hq_env(monkeypatch, az: Azurite, tmp_path: Path, test_name: str) -> str:
+    "Point echoes' HQ at `az` (credentials from the environment only), a container of this test, runs under tmp_path."
+    import hashlib
+    for k in ("AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ACCOUNT_URL", "AZURE_STORAGE_ACCOUNT", "ECHOES_HQ_ARTIFACTS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", az.connection_string)
+    container = "t" + hashlib.sha1(test_name.encode()).hexdigest()[:12]
+    monkeypatch.setenv("ECHOES_HQ_CONTAINER", container)
+    monkeypatch.setenv("ECHOES_RUNS", str(tmp_path / "runs"))
+    return container
+
+
+def stopping_store(az: Azurite, what: str, n: int, restart_after: float | None = None, **kw):
+    "An `echoes.cloud.HQStore` that stops `az` when its n-th transfer whose description starts with `what` begins."
+    import threading
+
+    from echoes.cloud import HQStore
+
+    class StopAt(HQStore):
+        def _retry(self, fn, description):
+            if description.startswith(what):
+                with lock:
+                    count[0] += 1
+                    fire = count[0] == n
+                if fire:
+                    az.stop()
+                    if restart_after is not None: threading.Timer(restart_after, az.start).start()
+            return super()._retry(fn, description)
+
+    lock, count = threading.Lock(), [0]
+    return StopAt(**kw)

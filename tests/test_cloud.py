@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
-from services import ROOT, Azurite, free_port
+from services import ROOT, Azurite, free_port, hq_env, sha, stopping_store
 
 from echoes.cloud import (
     HQError,
@@ -35,25 +34,13 @@ from echoes.cluster import hq_server
 from echoes.tracking import tensorboard_dir
 
 
-def sha(p: Path) -> str: return hashlib.sha256(Path(p).read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory):
-    with Azurite(tmp_path_factory.mktemp("azurite")) as az:
-        yield az
+    with Azurite(tmp_path_factory.mktemp("azurite")) as az: yield az
 
 
 @pytest.fixture
-def hq(azurite, monkeypatch, tmp_path, request):
-    "Blob credentials from the environment, a fresh container per test, runs under tmp_path."
-    for k in ("AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_ACCOUNT_URL", "AZURE_STORAGE_ACCOUNT", "ECHOES_HQ_ARTIFACTS"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
-    container = "t" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12]
-    monkeypatch.setenv("ECHOES_HQ_CONTAINER", container)
-    monkeypatch.setenv("ECHOES_RUNS", str(tmp_path / "runs"))
-    return container
+def hq(azurite, monkeypatch, tmp_path, request): return hq_env(monkeypatch, azurite, tmp_path, request.node.name)
 
 
 def make_cache(root: Path, key: str = "k1", big_mib: int = 3) -> Path:
@@ -83,13 +70,14 @@ def test_push_pull_roundtrip(hq, tmp_path):
     assert (tmp_path / "copy" / "features.npy").stat().st_mtime_ns == (d / "features.npy").stat().st_mtime_ns
     assert store.pull("k1", dest=tmp_path / "copy")["skipped"]
     assert store.pull("k1")["skipped"]                                # default dest is its own root
-    # a local file changed behind our back: the pull notices and repairs it
+    # a local file changed behind our back: the pull notices, and says so rather than overwrite it
     (tmp_path / "copy" / "meta.json").write_text("{}")
-    assert not store.pull("k1", dest=tmp_path / "copy")["skipped"]
+    with pytest.raises(HQError, match="meta.json"): store.pull("k1", dest=tmp_path / "copy")
+    assert not store.pull("k1", dest=tmp_path / "copy", force=True)["skipped"]
     assert sha(tmp_path / "copy" / "meta.json") == sha(d / "meta.json")
-    # an extra local file also means "not the object"
+    # an extra local file is not the object's business: it stays, and the object is complete without it
     (tmp_path / "copy" / "extra.bin").write_bytes(b"x")
-    assert not store.pull("k1", dest=tmp_path / "copy")["skipped"] and not (tmp_path / "copy" / "extra.bin").exists()
+    assert store.pull("k1", dest=tmp_path / "copy")["skipped"] and (tmp_path / "copy" / "extra.bin").exists()
     assert [o["name"] for o in store.ls(verify=True) if o["complete"]] == ["k1"]
     # module-level functions, by cache key, on another machine's runs folder
     os.environ["ECHOES_RUNS"] = str(tmp_path / "node")
@@ -202,35 +190,16 @@ def test_push_run_takes_tensorboard_logs_by_their_safe_path(hq, tmp_path, monkey
 
 
 # ------------------------------------------------------------------------- fault: Azurite stopped mid-push
-class StopAfter(HQStore):
-    "A store that stops (and optionally restarts) Azurite when its n-th block upload begins."
-    def __init__(self, az, n, restart_after=None, **kw):
-        self.az, self.n, self.restart_after, self.count, self.lock = az, n, restart_after, 0, threading.Lock()
-        super().__init__(**kw)
-
-    def _retry(self, fn, what):
-        if what.startswith("uploading block"):
-            with self.lock:
-                self.count += 1
-                fire = self.count == self.n
-            if fire:
-                self.az.stop()
-                if self.restart_after is not None:
-                    threading.Timer(self.restart_after, self.az.start).start()
-        return super()._retry(fn, what)
-
-
 @pytest.mark.slow
 def test_azurite_stopped_mid_push(tmp_path, monkeypatch):
     az = Azurite(tmp_path / "az")
     try:
-        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", az.connection_string)
-        monkeypatch.setenv("ECHOES_RUNS", str(tmp_path / "runs"))
-        monkeypatch.setenv("ECHOES_HQ_CONTAINER", "faults")
+        hq_env(monkeypatch, az, tmp_path, "faults")
         d = make_cache(tmp_path / "runs", "bigcache", big_mib=24)
         big = d / "features.npy"
         # 1. Blob goes away after 8 of 96 blocks and stays away: the push fails clearly, in bounded time
-        store = StopAfter(az, 8, chunk_size=256 << 10, max_concurrency=2, attempts=3, backoff=0.2)
+        store = stopping_store(az, "uploading block", 8, chunk_size=256 << 10, max_concurrency=2, attempts=3,
+                               backoff=0.2)
         with pytest.raises(HQError, match=r"failed after 3 attempts") as e:
             store.push(d)
         assert az.key not in str(e.value)
@@ -248,7 +217,8 @@ def test_azurite_stopped_mid_push(tmp_path, monkeypatch):
         # 4. a short outage during a push is ridden out by the retries
         d2 = make_cache(tmp_path / "runs", "bigcache2", big_mib=24)
         (d2 / "features.npy").write_bytes(np.random.default_rng(2).bytes(24 << 20))
-        store = StopAfter(az, 8, restart_after=1.0, chunk_size=256 << 10, max_concurrency=2, attempts=7, backoff=0.5)
+        store = stopping_store(az, "uploading block", 8, restart_after=1.0, chunk_size=256 << 10, max_concurrency=2,
+                               attempts=7, backoff=0.5)
         r = store.push(d2)
         assert r["files"] == 3
         HQStore().pull("bigcache2", dest=tmp_path / "copy2")
