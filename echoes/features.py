@@ -79,12 +79,14 @@ RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 checkpoin
 
 class ResNet18(FrameEncoder):
     name = "resnet18"
-    def __init__(self, size: int = 112, weights: str | Path | None = "auto"):
+    def __init__(self, size: int = 112, weights: str | Path | None = "auto", seed: int = 0):
         import torchvision
         src = _resnet_weights(weights)
-        super().__init__(size=size, weights=str(src) if src else None)
+        super().__init__(size=size, weights=str(src) if src else None, **({} if src else {"seed": seed}))
         self.size = size
-        self.net = torchvision.models.resnet18(weights=None)
+        # random weights (no file) come from `seed`: every process, and every model of a comparison, sees one encoder
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed); self.net = torchvision.models.resnet18(weights=None)
         if src: self.net.load_state_dict(torch.load(src, map_location="cpu", weights_only=True))  # incl. fc
         else:
             warnings.warn("resnet18: no ImageNet weights found (pass weights=<file> or put "

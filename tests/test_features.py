@@ -1,4 +1,6 @@
 """echoes.features: encoders, weights, the feature cache."""
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -54,6 +56,20 @@ def test_resnet18_weights_file_and_fallback(tmp_path, clips, runs):
     assert a.key != b.key  # the weights are part of the key
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         get_encoder("resnet18", weights=tmp_path / "nope.pth")
+
+
+def test_random_resnet18_is_the_same_in_every_process(tmp_path):
+    "Without a weights file, two processes build the same encoder: one feature-cache key, the same features."
+    np.save(tmp_path / "clips.npy", np.random.default_rng(1).integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8))
+    code = ("import sys, numpy as np, torch; from echoes.features import encode, get_encoder\n"
+            "torch.manual_seed(int(sys.argv[2]))  # whatever the process's own RNG state\n"
+            "e = get_encoder('resnet18', weights=None, size=32); print(e.weights_hash(), e.spec)\n"
+            "np.save(sys.argv[3], encode(np.load(sys.argv[1]), e, 'cpu'))")
+    outs = [subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(tmp_path / "clips.npy"), str(seed),
+                            str(tmp_path / f"f{seed}.npy")], capture_output=True, text=True, check=True).stdout
+            for seed in (1, 2)]
+    assert outs[0] == outs[1], outs
+    np.testing.assert_array_equal(np.load(tmp_path / "f1.npy"), np.load(tmp_path / "f2.npy"))
 
 
 def test_feature_cache_reuse_and_skipped_rows(clips, runs):
