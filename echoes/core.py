@@ -327,7 +327,7 @@ def array_manifest(folder: Path | str, names: list[str], finite: tuple[str, ...]
         out[name] = {"bytes": f.stat().st_size, "shape": list(shape), "dtype": dtype.str, "crc32": file_crc32(f)}
     return out
 
-def check_arrays(folder: Path | str, manifest: dict, finite: tuple[str, ...] = ()) -> str | None:
+def check_arrays(folder: Path | str, manifest: dict, finite: tuple[str, ...] = (), deep: bool = True) -> str | None:
     "What is wrong with the array files `manifest` records in `folder` (the first problem found), or None."
     for name, m in manifest.items():
         f = Path(folder) / name
@@ -337,18 +337,19 @@ def check_arrays(folder: Path | str, manifest: dict, finite: tuple[str, ...] = (
         except (OSError, ValueError) as e: return f"{name}: unreadable header ({e})"
         if [list(shape), dtype.str] != [m["shape"], m["dtype"]]:
             return f"{name}: holds {dtype.str} {list(shape)} where {m['dtype']} {m['shape']} was written"
+        if not deep: continue  # sizes and headers only: the contents were checked as they were written
         if name in finite and (bad := _nonfinite(f)): return f"{name}: {bad} non-finite values (NaN or inf)"
         if file_crc32(f) != m["crc32"]: return f"{name}: checksum mismatch (its bytes changed after it was written)"
     return None
 
 # %% ../nbs/00_core.ipynb #065c9e76
-def verify_cache(path: Path | str, finite: tuple[str, ...] = ()) -> str | None:
+def verify_cache(path: Path | str, finite: tuple[str, ...] = (), deep: bool = True) -> str | None:
     "What is wrong with the finished cache folder `path` (its `meta.json` and the arrays it records), or None."
     try: meta = json.loads((Path(path) / "meta.json").read_text())
     except (OSError, ValueError) as e: return f"meta.json: unreadable ({type(e).__name__}: {e})"
     if not isinstance(meta, dict) or not meta.get("arrays"):
         return "meta.json: records no array sizes or checksums (written by an older echoes)"
-    return check_arrays(path, meta["arrays"], finite)
+    return check_arrays(path, meta["arrays"], finite, deep)
 
 def _move_aside(base: Path, key: str, finite: tuple[str, ...]) -> None:
     with file_lock(base / f"{key}.lock"):
@@ -363,12 +364,15 @@ def _move_aside(base: Path, key: str, finite: tuple[str, ...]) -> None:
 def checked_cache(base: Path | str, key: str, build: Callable[[Path], object], *, what: str = "building a cache",
                   resume: bool = False, finite: tuple[str, ...] = ()) -> Path:
     "`cached_dir(base, key, build)`, checked by `verify_cache`: a damaged cache is moved aside and rebuilt, once."
-    base = Path(base)
+    base, built = Path(base), []
+    def build_once(part: Path):
+        built.append(part); return build(part)
     with disk_full(what, base / f"{key}.partial"):
-        path = cached_dir(base, key, build, resume=resume)
-        if verify_cache(path, finite) is None: return path
+        path = cached_dir(base, key, build_once, resume=resume)
+        # a cache built just now had its checksums taken as it was written: reading it all again would only repeat them
+        if verify_cache(path, finite, deep=not built) is None: return path
         _move_aside(base, key, finite)
-        path = cached_dir(base, key, build, resume=resume)
-    if (problem := verify_cache(path, finite)) is not None:
+        path = cached_dir(base, key, build_once, resume=resume)
+    if (problem := verify_cache(path, finite, deep=False)) is not None:
         raise RuntimeError(f"cache {path} fails its check right after being rebuilt: {problem}")
     return path
