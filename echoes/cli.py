@@ -86,47 +86,58 @@ def _add_ui(sub) -> None:
 
 # %% ../nbs/10_cli.ipynb #d341be06
 def _cmd_data_synth(a) -> int:
-    from echoes.data import synth
-    root = synth(a.out, classes=a.classes, clips_per_class=a.clips_per_class, frames=a.frames, size=a.size, seed=a.seed)
+    from echoes.data import synth, synth_ucf101
+    kw = {k: v for k, v in (("classes", a.classes), ("clips_per_class", a.clips_per_class)) if v is not None}
+    root = (synth_ucf101(a.out, **kw, seed=a.seed, num_workers=a.workers) if a.shape == "ucf101"
+            else synth(a.out, **kw, frames=a.frames, size=a.size, seed=a.seed))
     _emit({"root": str(root)}, a.json, lambda r: f"built-in dataset written to {r['root']}")
     return 0
 
 def _add_synth(d) -> None:
-    from echoes.data import synth
+    from echoes.data import synth, synth_ucf101
     sd = {k: v.default for k, v in inspect.signature(synth).parameters.items()}
-    s = d.add_parser("synth", help="write the built-in synthetic motion dataset in UCF101 layout")
+    ud = {k: v.default for k, v in inspect.signature(synth_ucf101).parameters.items()}
+    s = d.add_parser("synth", help="write a synthetic motion dataset in UCF101 layout: the built-in one, or UCF101's shape")
     s.add_argument("--out", required=True, type=Path, help="folder to write")
-    s.add_argument("--classes", type=int, default=sd["classes"], help="number of motion classes (default: %(default)s)")
-    s.add_argument("--clips-per-class", type=int, default=sd["clips_per_class"], help="(default: %(default)s)")
-    s.add_argument("--frames", type=int, default=sd["frames"], help="frames per video (default: %(default)s)")
-    s.add_argument("--size", type=int, default=sd["size"], help="frame height and width in pixels (default: %(default)s)")
+    s.add_argument("--shape", choices=["small", "ucf101"], default="small", help="small: the built-in motion set (--frames, "
+                   "--size); ucf101: 101 classes x 25 groups, 320x240, 3-11 s clips at 25 fps, 3 folds (default: %(default)s)")
+    s.add_argument("--classes", type=int, default=None, help=f"motion classes (default: {sd['classes']}; {ud['classes']} with --shape ucf101)")
+    s.add_argument("--clips-per-class", type=int, default=None,
+                   help=f"(default: {sd['clips_per_class']}; {ud['clips_per_class']} with --shape ucf101)")
+    s.add_argument("--frames", type=int, default=sd["frames"], help="small: frames per video (default: %(default)s)")
+    s.add_argument("--size", type=int, default=sd["size"], help="small: frame height and width in pixels (default: %(default)s)")
+    s.add_argument("--workers", type=int, default=None, help="--shape ucf101: processes writing clips (default: all cores)")
     s.add_argument("--seed", type=int, default=sd["seed"]); s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_data_synth)
 
 # %% ../nbs/10_cli.ipynb #ec9dbfa8
 def _cmd_data_index(a) -> int:
     from echoes.data import index
-    rows = index(a.root, fold=a.fold, split=a.split, val_fraction=a.val_fraction, seed=a.seed)
+    rows = index(a.root, fold=a.fold, split=a.split, val_fraction=a.val_fraction, seed=a.seed, dataset=a.dataset)
     _emit(rows, a.json, lambda rs: "\n".join(f"{r['path']}\t{r['label']}\t{r['class']}\t{r['group']}" for r in rs))
     return 0
 
 def _add_index(d) -> None:
-    i = d.add_parser("index", help="list the clips of a split of a UCF101-layout dataset")
+    from echoes.data import LAYOUTS
+    i = d.add_parser("index", help=f"list the clips of a split of a dataset in a known layout ({', '.join(LAYOUTS)})")
     i.add_argument("--root", required=True, type=Path); i.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])
     i.add_argument("--split", required=True, choices=["train", "val", "test"])
     i.add_argument("--val-fraction", type=float, default=None, help="carve val from train by whole groups")
+    i.add_argument("--dataset", choices=list(LAYOUTS), default=None, help="the layout (default: told by its annotation files)")
     i.add_argument("--seed", type=int, default=0); i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_data_index)
 
 def _cmd_data_cache(a) -> int:
     from echoes.data import build_cache
-    _emit(build_cache(a.root, fold=a.fold, frames=a.frames, size=a.size, encoder=a.encoder), a.json)
+    _emit(build_cache(a.root, fold=a.fold, frames=a.frames, size=a.size, encoder=a.encoder, dataset=a.dataset), a.json)
     return 0
 
 def _add_cache(d) -> None:
-    c = d.add_parser("cache", help="build or reuse the clip and feature caches of a UCF101-layout dataset")
+    from echoes.data import LAYOUTS
+    c = d.add_parser("cache", help=f"build or reuse the clip and feature caches of a dataset ({', '.join(LAYOUTS)})")
     c.add_argument("--root", required=True, type=Path); c.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])
     c.add_argument("--frames", type=int, default=16); c.add_argument("--size", type=int, default=32)
+    c.add_argument("--dataset", choices=list(LAYOUTS), default=None, help="the layout (default: told by its annotation files)")
     c.add_argument("--encoder", default="pixels"); c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_data_cache)
 
@@ -137,19 +148,23 @@ def _add_data(sub) -> None:
 
 # %% ../nbs/10_cli.ipynb #5e92e461
 def _cmd_sweep(a) -> int:
-    from echoes.sweep import run_sweep, sweep_report
+    from echoes.search import run, search_report
+    from echoes.sweep import sweep_report
     if a.executor == "ray":
         from echoes.cluster import run_sweep_ray
         summary = run_sweep_ray(a.sweep, address=a.address, tracking_uri=a.tracking_uri, parallel=a.parallel,
                                 num_gpus=a.num_gpus)
-    else: summary = run_sweep(a.sweep, parallel=a.parallel, tracking_uri=a.tracking_uri)
-    _emit(summary, a.json, sweep_report)
+    else: summary = run(a.sweep, parallel=a.parallel, tracking_uri=a.tracking_uri)
+    _emit(summary, a.json, search_report if "protocol" in summary else sweep_report)
     return 1 if summary.get("failed") else 0
 
 def _add_sweep(sub) -> None:
-    w = sub.add_parser("sweep", help="run a sweep of models x hyperparameters x seeds (resumable)",
+    w = sub.add_parser("sweep", help="run a comparison: an equal-budget search per architecture, or a grid (resumable)",
                        description="Run every trial of SWEEP (YAML) through nbs/train.ipynb with papermill, each a child "
-                       "run of one MLflow parent run. Trials already FINISHED are skipped, so running it again resumes.")
+                       "run of one MLflow parent run. With a `search:` section, each architecture's configuration is "
+                       "searched with Optuna on the same budget and selected on validation, then trained again on every "
+                       "seed of `seeds` (paired across architectures); without one, the file's grid is run. Trials "
+                       "already FINISHED are skipped, so running it again, even after a kill, resumes.")
     w.add_argument("sweep", type=Path, help="sweep file, e.g. sweeps/default.yaml")
     w.add_argument("--parallel", type=int, default=None, help="trials at a time (default: one per free core, GPUs shared out)")
     w.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under runs/; http://... for a server)")

@@ -7,15 +7,16 @@ dataset caches from HQ."""
 # %% ../nbs/09b_cluster.ipynb #74bba91c
 # ruff: noqa: RUF022, I001  (nbdev writes __all__ in definition order and rewrites imports as relative)
 from __future__ import annotations
-import contextlib, os, signal, socket, subprocess, sys, time, urllib.parse, urllib.request
-from collections.abc import Iterator, Mapping
+import contextlib, itertools, os, signal, socket, subprocess, sys, time, urllib.parse, urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from fastcore.basics import patch
 from .core import get_logger, project_root, runs_dir
 from .cloud import (
     HQError, HQStore, SECRET_ENV, account_name, account_url, blob_service, credential_source, hq_container, redact, redact_env)
-from .sweep import Trial, TrialResult, load_sweep, run_sweep, run_trial
+from .search import load, run
+from .sweep import Sweep, Trial, TrialResult, run_trial
 
 # %% auto #0
 __all__ = ['RAY_EXCLUDES', 'default_artifacts_destination', 'server_command', 'server_env', 'HQServer', 'hq_server',
@@ -197,41 +198,52 @@ class RayExecutor:
     shutdown: bool = True                       # disconnect at the end when this call connected
     name = "ray"
 
-    def __call__(self, trials: list[Trial], parallel: int | None = None) -> Iterator[RayTrialResult]:
-        for t in trials:
-            if not self.allow_local_tracking and not (t.tracking_uri or "").startswith(("http://", "https://", "databricks")):
-                raise ValueError(f"a Ray sweep needs a tracking server the nodes can reach (http://HQ:5000), not "
-                                 f"{t.tracking_uri!r}: start one with `echoes hq server` and pass --tracking-uri")
+    def __call__(self, trials: Iterable[Trial], parallel: int | None = None) -> Iterator[RayTrialResult]:
+        "Run `trials` (a list, or a lazy stream taken one at a time as slots free up), `parallel` at a time."
         import ray
+        n, trials = (len(trials) if isinstance(trials, Sized) else None), iter(trials)
+        if (first := next(trials, None)) is None: return
+        trials = itertools.chain([self.check(first)], trials)  # a store the nodes cannot reach fails before connecting
         wd = ray_runtime_env(self.working_dir, self.env_vars)
-        root = Path(wd["working_dir"]).resolve()
-        rel = {t.key: Path(t.notebook).resolve().relative_to(root).as_posix() for t in trials
-               if Path(t.notebook).resolve().is_relative_to(root)}
         address = self.address or os.environ.get("RAY_ADDRESS") or "auto"
         started = not ray.is_initialized()
         if started: ray.init(address=address, runtime_env=wd, logging_level="WARNING", log_to_driver=False, namespace="echoes")
-        get_logger("cluster").info(f"Ray sweep: {len(trials)} trials on {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                                   f"{ray.cluster_resources().get('GPU', 0):g} GPUs), max_retries={self.max_retries}, "
+        limit = parallel or n or int(ray.cluster_resources().get("CPU", 1))
+        get_logger("cluster").info(f"Ray sweep: up to {limit} trials at a time on {address} ({ray.cluster_resources().get('CPU', 0):g} "
+                                   f"CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs), max_retries={self.max_retries}, "
                                    f"retry_failed={self.retry_failed}")
         try:  # a driver that was already connected: ship the code with each task
-            yield from self._submit(trials, parallel or len(trials), {} if started else {"runtime_env": wd}, rel)
+            yield from self._submit(trials, limit, {} if started else {"runtime_env": wd}, Path(wd["working_dir"]).resolve())
         finally:
             if started and self.shutdown: ray.shutdown()
 
+    def check(self, t: Trial) -> Trial:
+        "The trial, unless its tracking store is one the nodes cannot reach."
+        if not self.allow_local_tracking and not (t.tracking_uri or "").startswith(("http://", "https://", "databricks")):
+            raise ValueError(f"a Ray sweep needs a tracking server the nodes can reach (http://HQ:5000), not "
+                             f"{t.tracking_uri!r}: start one with `echoes hq server` and pass --tracking-uri")
+        return t
+
 # %% ../nbs/09b_cluster.ipynb #3e58dd99
+def _relative(notebook: str, root: Path) -> str | None:
+    "The notebook's path inside the shipped working dir, or None when it is outside it."
+    nb = Path(notebook).resolve()
+    return nb.relative_to(root).as_posix() if nb.is_relative_to(root) else None
+
 @patch
-def _submit(self: RayExecutor, trials: list[Trial], limit: int, per_task: dict, rel: dict) -> Iterator[RayTrialResult]:
+def _submit(self: RayExecutor, trials: Iterator[Trial], limit: int, per_task: dict, root: Path) -> Iterator[RayTrialResult]:
     import ray
     log, task = get_logger("cluster"), ray.remote(remote_trial)
-    todo, inflight, attempts = list(trials), {}, {}
-    while todo or inflight:
-        while todo and len(inflight) < limit:
-            t = todo.pop(0)
+    retry, inflight, attempts = [], {}, {}
+    while True:
+        while len(inflight) < limit and (t := retry.pop(0) if retry else next(trials, None)) is not None:
+            self.check(t)
             attempts[t.key] = attempts.get(t.key, 0) + 1
             opts = trial_resources(t, self.num_gpus, self.num_cpus)
             ref = task.options(max_retries=self.max_retries, retry_exceptions=False, name=f"trial:{t.name}",
-                               **per_task, **opts).remote(t, self.caches, self.container, rel.get(t.key))
+                               **per_task, **opts).remote(t, self.caches, self.container, _relative(t.notebook, root))
             inflight[ref] = t
+        if not inflight: return
         done, _ = ray.wait(list(inflight), num_returns=1)
         for ref in done:
             t = inflight.pop(ref)
@@ -242,14 +254,15 @@ def _submit(self: RayExecutor, trials: list[Trial], limit: int, per_task: dict, 
             r.attempts = attempts[t.key]
             if r.status == "FAILED" and attempts[t.key] <= self.retry_failed:
                 log.warning(f"trial {t.name} failed (attempt {attempts[t.key]}): {r.error}; retrying")
-                todo.append(t); continue
+                retry.append(t); continue
             yield r
 
 # %% ../nbs/09b_cluster.ipynb #eddf2a5c
 def run_sweep_ray(sweep, address: str | None = None, tracking_uri: str | None = None, *, parallel: int | None = None,
                   progress: bool | None = None, **opts) -> dict:
-    "Run a sweep on a Ray cluster against the HQ tracking server (`opts`: `RayExecutor`'s); `run_sweep`'s summary."
-    sw = load_sweep(sweep)
+    "Run a sweep, search or grid, on a Ray cluster against the HQ tracking server (`opts`: `RayExecutor`'s); its summary."
+    sw = load(sweep)
     tracking_uri = tracking_uri or os.environ.get("ECHOES_HQ_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
-    return run_sweep(sw, parallel=parallel or len(sw.trials), tracking_uri=tracking_uri,
-                     executor=RayExecutor(address, **opts), progress=progress)
+    # a grid: every trial at once, as the cluster's slots allow; a search: the file's `parallel`, so TPE learns as it goes
+    parallel = parallel or (len(sw.trials) if isinstance(sw, Sweep) else sw.sweep.parallel)
+    return run(sw, parallel=parallel, tracking_uri=tracking_uri, executor=RayExecutor(address, **opts), progress=progress)

@@ -6,12 +6,16 @@ pool (or another executor), resumable, and robust to a failing trial."""
 
 # %% ../nbs/08_sweep.ipynb #bc3b2f41
 from __future__ import annotations
-import concurrent.futures as cf, contextlib, copy, dataclasses, itertools, multiprocessing as mp, os, signal, socket, sys, tempfile, time, warnings
-from collections.abc import Callable, Iterable, Iterator
+import atexit, concurrent.futures as cf, contextlib, copy, dataclasses, functools, gc, itertools, logging, multiprocessing as mp, os
+import queue, random, signal, socket, sys, tempfile, threading, time, warnings, zlib
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 import yaml
 from fastcore.basics import patch
+from jupyter_client import AsyncKernelManager
+from jupyter_client.session import Session
+from jupyter_core.utils import run_sync
 from .core import ConfigError, fmt_value, get_logger, kernel_config, project_root, runs_dir, safe_name, stable_hash
 from .data import load as load_data
 from .models import MODELS
@@ -19,10 +23,13 @@ from .train import RESULT_METRICS, TrainConfig, check_value, config_fields
 from .tracking import client as _client, experiment_id, resolve_tracking_uri, search_all
 
 # %% auto #0
-__all__ = ['RESERVED', 'NOT_IDENTITY', 'SWEEP_KEYS', 'Executor', 'check_params', 'trial_name', 'Trial', 'sweep_seeds',
-           'sweep_models', 'check_sweep_fields', 'Sweep', 'load_sweep', 'child_runs', 'start_parent',
-           'default_notebook', 'plan', 'TrialResult', 'owner_tag', 'owner_alive', 'run_trial', 'cpu_count', 'gpu_ids',
-           'worker_env', 'warm_caches', 'die_with_parent', 'LocalExecutor', 'run_sweep', 'sweep_report']
+__all__ = ['RESERVED', 'NOT_IDENTITY', 'SWEEP_KEYS', 'FRESH_LOGGER', 'KERNEL_STATE', 'WARM_IMPORTS', 'MAX_TRIALS_PER_KERNEL',
+           'Executor', 'check_params', 'trial_name', 'Trial', 'sweep_seeds', 'sweep_models', 'check_sweep_fields',
+           'Sweep', 'read_sweep', 'load_sweep', 'child_runs', 'start_parent', 'default_notebook', 'place', 'plan',
+           'TrialResult', 'run_metrics', 'owner_tag', 'owner_alive', 'kernel_state', 'restore_kernel_state',
+           'kernel_warm', 'kernel_reset', 'WarmKernel', 'current_kernel', 'discard_kernel', 'warm_kernel',
+           'settle_kernel', 'notebook_kernel', 'run_trial', 'cpu_count', 'gpu_ids', 'worker_env', 'warm_caches',
+           'die_with_parent', 'LocalExecutor', 'sweep_summary', 'finish_parent', 'run_sweep', 'sweep_report']
 
 # %% ../nbs/08_sweep.ipynb #3101df1b
 # Set by the sweep itself (top level or per trial), never by `params`.
@@ -67,6 +74,7 @@ class Trial:
     parent_run_id: str | None = None
     notebook: str | None = None         # the training notebook to execute
     output: str | None = None           # the executed notebook, relative to `runs_dir()` where it runs
+    tags: dict = field(default_factory=dict)  # more tags of its MLflow run (a search trial's study and number)
 
     @classmethod
     def make(cls, params: dict, varied: dict) -> Trial:
@@ -162,19 +170,23 @@ def expand(self: Sweep) -> list[Trial]:
     return out
 
 # %% ../nbs/08_sweep.ipynb #319b4674
+def read_sweep(src: str | Path | dict) -> tuple[dict, str | None, str | None]:
+    "A sweep file path, YAML text or dict as `(mapping, the file's path or None, the file's stem or None)`."
+    where, stem = None, None
+    if isinstance(src, dict): return copy.deepcopy(src), None, None
+    if isinstance(src, Path) or (isinstance(src, str) and "\n" not in src and src.endswith((".yaml", ".yml"))):
+        if not (path := Path(src)).exists(): raise FileNotFoundError(f"sweep file not found: {path}")
+        src, where, stem = path.read_text(), str(path), safe_name(path.stem)
+    try: d = yaml.safe_load(src) or {}
+    except yaml.YAMLError as e: raise ConfigError(f"{where or 'sweep'}: not valid YAML: {e}") from None
+    if not isinstance(d, dict): raise ConfigError(f"{where or 'sweep'}: a sweep must be a mapping, got {type(d).__name__}")
+    return d, where, stem
+
 def load_sweep(src: str | Path | dict | Sweep) -> Sweep:
     "The `Sweep` of a YAML file path, YAML text or a dict; a file's errors name it (a `Sweep` is returned as it is)."
     if isinstance(src, Sweep): return src
-    where, stem = None, None
-    if isinstance(src, dict): d = copy.deepcopy(src)
-    else:
-        if isinstance(src, Path) or (isinstance(src, str) and "\n" not in src and src.endswith((".yaml", ".yml"))):
-            if not (path := Path(src)).exists(): raise FileNotFoundError(f"sweep file not found: {path}")
-            src, where, stem = path.read_text(), str(path), safe_name(path.stem)
-        try: d = yaml.safe_load(src) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"{where or 'sweep'}: not valid YAML: {e}") from None
+    d, where, stem = read_sweep(src)
     try:
-        if not isinstance(d, dict): raise ConfigError(f"a sweep must be a mapping, got {type(d).__name__}")
         if bad := sorted(map(str, set(d) - set(SWEEP_KEYS))):
             raise ConfigError(f"unknown sweep key(s) {bad}; valid keys: {', '.join(SWEEP_KEYS)}")
         return Sweep(**{"name": stem or "sweep", **d})
@@ -225,16 +237,20 @@ def default_notebook() -> Path:
     if root is None: raise FileNotFoundError("no echoes project found for nbs/train.ipynb: give `notebook:` in the sweep")
     return root / "nbs" / "train.ipynb"
 
-def plan(sweep: Sweep | str | Path | dict, tracking_uri: str | None = None) -> tuple[dict, list[Trial]]:
-    "Record the sweep's parent run; return `(where the sweep is recorded, its trials ready for run_trial)`."
-    sw = load_sweep(sweep)
-    info = start_parent(sw, tracking_uri)
+def place(sw: Sweep, info: dict, trials: list[Trial]) -> list[Trial]:
+    "`trials` of sweep `sw` with where they are recorded (`info` of `start_parent`), their notebook and output."
     nb = Path(sw.notebook) if sw.notebook else default_notebook()
     if not nb.exists(): raise FileNotFoundError(f"training notebook not found: {nb}")
     outdir = Path("notebooks", safe_name(f"sweep-{sw.name}-{sw.key[:8]}"))  # never a path that leaves runs/
     record = {k: info[k] for k in ("tracking_uri", "experiment", "experiment_id", "parent_run_id")}
-    return info, [replace(t, sweep=sw.name, sweep_key=sw.key, notebook=str(nb.resolve()),
-                          output=str(outdir / f"{safe_name(t.name)}.ipynb"), **record) for t in sw.trials]
+    return [replace(t, sweep=sw.name, sweep_key=sw.key, notebook=str(nb.resolve()),
+                    output=str(outdir / f"{safe_name(t.name)}.ipynb"), **record) for t in trials]
+
+def plan(sweep: Sweep | str | Path | dict, tracking_uri: str | None = None) -> tuple[dict, list[Trial]]:
+    "Record the sweep's parent run; return `(where the sweep is recorded, its trials ready for run_trial)`."
+    sw = load_sweep(sweep)
+    info = start_parent(sw, tracking_uri)
+    return info, place(sw, info, sw.trials)
 
 # %% ../nbs/08_sweep.ipynb #16c9a5e8
 @dataclass
@@ -259,7 +275,9 @@ class TrialResult:
         d = dataclasses.asdict(self); metrics = d.pop("metrics")
         return {**d, **metrics}
 
-def _metrics(run) -> dict: return {k: run.data.metrics[k] for k in RESULT_METRICS if k in run.data.metrics}
+def run_metrics(run) -> dict:
+    "The result metrics an MLflow run holds."
+    return {k: run.data.metrics[k] for k in RESULT_METRICS if k in run.data.metrics}
 
 # %% ../nbs/08_sweep.ipynb #43122503
 def owner_tag() -> str:
@@ -284,7 +302,7 @@ def _child(client, t: Trial):
     if (found := child_runs(t.tracking_uri, t.experiment_id, t.parent_run_id).get(t.key)) is not None: return found
     return client.create_run(t.experiment_id, run_name=t.name, tags={
         "mlflow.parentRunId": t.parent_run_id, "echoes.sweep": t.sweep_key, "echoes.trial_key": t.key,
-        "echoes.model": t.model, "echoes.dataset": t.params["dataset"], "echoes.owner": owner_tag()})
+        "echoes.model": t.model, "echoes.dataset": t.params["dataset"], "echoes.owner": owner_tag(), **t.tags})
 
 def _settle(client, run_id: str, error: str | None) -> tuple[str, str | None]:
     "End the run FINISHED or FAILED as its notebook went; return the trial's status and error."
@@ -300,44 +318,323 @@ def _settle(client, run_id: str, error: str | None) -> tuple[str, str | None]:
     elif run.info.status != "FINISHED": return run.info.status, f"the notebook ended its run {run.info.status}"
     return "FINISHED", None
 
-# %% ../nbs/08_sweep.ipynb #ea4845d3
-def _execute(t: Trial, out: Path, run_id: str, client) -> str | None:
+# %% ../nbs/08_sweep.ipynb #a67add3e
+def _torch_flags(v=None):
+    "torch's global switches; with `v`, set those that differ (the first `use_deterministic_algorithms` call takes a second)."
+    import torch
+    cudnn = torch.backends.cudnn
+    now = {"dtype": torch.get_default_dtype(), "device": str(torch.get_default_device()), "grad": torch.is_grad_enabled(),
+           "deterministic": (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+           "cudnn": (cudnn.enabled, cudnn.benchmark, cudnn.deterministic), "matmul": torch.get_float32_matmul_precision(),
+           "anomaly": torch.is_anomaly_enabled()}
+    if v is None: return now
+    put = {"dtype": torch.set_default_dtype, "grad": torch.set_grad_enabled,
+           "device": lambda d: torch.set_default_device(None if d == "cpu" else d),
+           "deterministic": lambda d: torch.use_deterministic_algorithms(d[0], warn_only=d[1]),
+           "cudnn": lambda c: [setattr(cudnn, a, x) for a, x in zip(("enabled", "benchmark", "deterministic"), c)],
+           "matmul": torch.set_float32_matmul_precision, "anomaly": torch.set_anomaly_enabled}
+    for k, x in v.items():
+        if now[k] != x: put[k](x)
+
+def _torch_threads(v=None):
+    import torch
+    if v is None: return torch.get_num_threads()
+    torch.set_num_threads(v)
+
+def _torch_interop(v=None):
+    "torch's inter-op threads: fixed once parallel work ran, so a change is never undone (the reset fails)."
+    import torch
+    if v is None: return torch.get_num_interop_threads()
+
+# %% ../nbs/08_sweep.ipynb #1d30a5f6
+def _environ(v=None):
+    if v is None: return dict(os.environ)
+    os.environ.clear(); os.environ.update(v)
+
+FRESH_LOGGER = (logging.NOTSET, (), (), True, False)  # level, handlers, filters, propagate, disabled of a new logger
+
+def _loggers(v=None):
+    "Level, handlers, filters and propagation of the root logger and of every logger made so far."
+    loggers = {"": logging.getLogger(), **{n: lg for n, lg in logging.Logger.manager.loggerDict.items()
+                                            if isinstance(lg, logging.Logger)}}
+    if v is None: return {n: (lg.level, tuple(lg.handlers), tuple(lg.filters), lg.propagate, lg.disabled) for n, lg in loggers.items()}
+    kept = {h for s in v.values() for h in s[1]}
+    for n, lg in loggers.items():
+        # a logger an import made meanwhile is that library's; one of ours made by a trial goes back to new
+        if n not in v and not n.startswith("echoes."): continue
+        level, handlers, filters, propagate, disabled = v.get(n, FRESH_LOGGER)
+        for h in set(lg.handlers) - kept: h.close()
+        lg.setLevel(level); lg.handlers[:] = handlers; lg.filters[:] = filters; lg.propagate, lg.disabled = propagate, disabled
+
+def _sys_list(name: str):
+    def get_put(v=None):
+        if v is None: return tuple(getattr(sys, name))
+        getattr(sys, name)[:] = v
+    return get_put
+
+def _cwd(v=None): return os.getcwd() if v is None else os.chdir(v)
+
+# %% ../nbs/08_sweep.ipynb #5a02c214
+def _warnings(v=None):
+    if v is None: return (tuple(warnings.filters), warnings.showwarning)
+    warnings.resetwarnings(); warnings.filters[:] = v[0]; warnings.showwarning = v[1]
+
+def _numpy_options(v=None):
+    import numpy as np
+    if v is None: return (np.geterr(), np.get_printoptions())
+    np.seterr(**v[0]); np.set_printoptions(**v[1])
+
+def _matplotlib_rc(v=None):
+    import matplotlib as mpl
+    if v is None: return dict(mpl.rcParams)
+    with warnings.catch_warnings(): warnings.simplefilter("ignore"); mpl.rcParams.update(v)  # deprecated keys say so
+
+def _mlflow_fluent(v=None):
+    "MLflow's fluent tracking URI and experiment (what `mlflow.set_tracking_uri` and `set_experiment` set)."
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+    if v is None: return (utils._tracking_uri, fluent._active_experiment_id)
+    utils._tracking_uri, fluent._active_experiment_id = v
+
+def _ipython(v=None):
+    "The shell's event callbacks and user names, and the interpreter's hooks and streams (names: see `kernel_reset`)."
+    from IPython import get_ipython
+    sh = get_ipython(); ev = sh.events.callbacks if sh else {}
+    if v is None: return ({k: tuple(cbs) for k, cbs in ev.items()}, sys.excepthook, sys.displayhook, sys.stdout,
+                          sys.stderr, tuple(sorted(sh.user_ns)) if sh else ())
+    for k, cbs in v[0].items(): ev[k][:] = cbs
+    _, sys.excepthook, sys.displayhook, sys.stdout, sys.stderr, _ = v
+
+def _signals(v=None):
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if v is None: return tuple(signal.getsignal(s) for s in sigs)
+    for s, h in zip(sigs, v): signal.signal(s, h)
+
+# %% ../nbs/08_sweep.ipynb #0c6e85fa
+KERNEL_STATE = {"torch_threads": _torch_threads, "torch_interop": _torch_interop, "torch_flags": _torch_flags,
+                "numpy_options": _numpy_options, "environ": _environ, "cwd": _cwd, "sys.path": _sys_list("path"),
+                "sys.argv": _sys_list("argv"), "loggers": _loggers, "warnings": _warnings, "signals": _signals,
+                "matplotlib_rc": _matplotlib_rc, "mlflow_fluent": _mlflow_fluent, "ipython": _ipython}
+
+def kernel_state(names: Iterable[str] | None = None) -> dict:
+    "The state of this process that a warm kernel's reset restores (`names`: some of `KERNEL_STATE`), comparable with `==`."
+    return {k: KERNEL_STATE[k]() for k in names or KERNEL_STATE}
+
+def _same(k: str, now, then) -> bool:
+    if k != "loggers": return now == then
+    return all(now.get(n) == s for n, s in then.items()) and all(
+        now[n] == FRESH_LOGGER for n in now.keys() - then.keys() if n.startswith("echoes."))
+
+def restore_kernel_state(state: dict) -> list[str]:
+    "Put back what differs from `state` (a `kernel_state`); the names of what then still differs."
+    now = kernel_state(state)
+    for k, v in state.items():
+        if not _same(k, now[k], v): KERNEL_STATE[k](v)
+    return [k for k, v in kernel_state(state).items() if not _same(k, v, state[k])]
+
+# %% ../nbs/08_sweep.ipynb #82a27f6b
+WARM_IMPORTS = ("echoes.tracking", "echoes.train", "echoes.data", "echoes.models", "mlflow", "mlflow.pytorch",
+                "torch.utils.tensorboard", "matplotlib.pyplot", "pandas", "IPython.display", "psutil")
+_BASELINE: dict = {}
+MAX_TRIALS_PER_KERNEL = 50  # then a new kernel: bounds what a leak (memory, module state) can grow to
+
+def kernel_warm(modules: Iterable[str] = WARM_IMPORTS) -> None:
+    "In a new kernel: import `modules`, then record the state that `kernel_reset` puts back."
+    import importlib
+    from IPython import get_ipython
+    for m in modules: importlib.import_module(m)
+    if plt := sys.modules.get("matplotlib.pyplot"): plt.close(plt.figure())
+    get_logger()  # the echoes logger and its console handler, as any echoes import makes them
+    _BASELINE.clear(); _BASELINE.update(kernel_state(), user_ns=dict(get_ipython().user_ns))
+    gc.freeze()  # what the imports made is never garbage: later collections skip it (0.3 s each otherwise)
+
+def kernel_reset() -> None:
+    "In a warm kernel after a trial: back to the state `kernel_warm` recorded; raises when something stays changed."
+    if not _BASELINE: raise RuntimeError("kernel_reset: no baseline here (kernel_warm has not run in this process)")
+    import mlflow, numpy as np, pandas as pd, torch
+    from IPython import get_ipython
+    while mlflow.active_run(): mlflow.end_run()  # as a kernel's exit ends it (mlflow's atexit hook)
+    sys.modules["matplotlib.pyplot"].close("all")
+    sh = get_ipython(); sh.reset(new_session=True)
+    sh.user_ns.update({k: v for k, v in _BASELINE["user_ns"].items() if k not in sh.user_ns})  # __doc__, _, ...
+    random.seed(); np.random.seed(); torch.seed()  # from the OS, as a new process seeds them
+    with warnings.catch_warnings(): warnings.simplefilter("ignore"); pd.reset_option("all")
+    _warnings(_BASELINE["warnings"]); warnings.onceregistry.clear()  # also forgets what was warned of once, as a new process
+    bad = restore_kernel_state({k: v for k, v in _BASELINE.items() if k in KERNEL_STATE})
+    gc.collect(); gc.freeze()  # what outlived a trial and a collection stays (caches, lazy imports): skipped from now on
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        for d in range(torch.cuda.device_count()): torch.cuda.reset_peak_memory_stats(d)
+    if bad: raise RuntimeError(f"kernel_reset could not restore {', '.join(bad)}")
+
+# %% ../nbs/08_sweep.ipynb #38a8ad14
+class _KernelManager(AsyncKernelManager):
+    "nbclient's kernel manager, remembering the clients it hands out."
+    def __init__(self, **kw): super().__init__(**kw); self.handed = []
+    def client(self, **kw):
+        c = super().client(**kw); self.handed.append(c); return c
+
+async def _ask(km, kc, code: str, timeout: float) -> dict:
+    "Run `code` silently; its reply, or an error as soon as the kernel is found dead."
+    msg_id, deadline = kc.execute(code, silent=True, store_history=False), time.monotonic() + timeout
+    while True:
+        try: reply = await kc.get_shell_msg(timeout=1)
+        except queue.Empty:
+            if not await km.is_alive(): raise RuntimeError("the kernel died") from None
+            if time.monotonic() > deadline: raise TimeoutError(f"no reply from the kernel in {timeout:g} s") from None
+            continue
+        if reply["parent_header"].get("msg_id") == msg_id: return reply
+
+def _env_key(env: dict | None = None) -> dict:
+    "The environment a kernel starts with, `PYTHONPATH` as its distinct entries."
+    env = dict(os.environ if env is None else env)
+    if "PYTHONPATH" in env: env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(env["PYTHONPATH"].split(os.pathsep)))
+    return env
+
+def _code_stamp() -> tuple:
+    "The echoes package's source files as they are now: names and CRC-32s (a rewrite with the same text is no change)."
+    files = sorted(Path(sys.modules["echoes"].__file__).parent.glob("*.py"))
+    return tuple((p.name, zlib.crc32(p.read_bytes())) for p in files)
+
+# %% ../nbs/08_sweep.ipynb #a0f53fbc
+_HOME = "echoes.sweep"  # where a kernel finds kernel_warm and kernel_reset
+_serial, _local, _kernels = itertools.count(), threading.local(), set()  # kernels: by thread, all
+
+class WarmKernel:
+    "A started kernel with the training notebook's libraries imported, for one trial at a time (see `warm_kernel`)."
+    def __init__(self, kernel_name: str = "python3", cwd: str | Path | None = None,
+                 imports: Iterable[str] = WARM_IMPORTS, timeout: float = 120):
+        self.kernel_name, self.cwd, self.trials = kernel_name, str(cwd or Path.cwd()), 0
+        self.env, self.code = _env_key(), _code_stamp()
+        # local sockets of its own, not TCP ports: kernels starting at once never race for a port. On Linux they
+        # are abstract (no files, so a killed kernel leaves none behind)
+        ipc = f"{'@' if sys.platform == 'linux' else tempfile.gettempdir() + os.sep}echoes-kernel-{os.getpid()}-{next(_serial)}"
+        self.km = _KernelManager(kernel_name=kernel_name, config=kernel_config(), transport="ipc", ip=ipc)
+        # papermill runs kernels with an in-memory history: parallel kernels never share a history file
+        run_sync(self.km.start_kernel)(cwd=self.cwd, extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        self.pid = self.km.provisioner.process.pid
+        try:
+            # a session of its own: clients of one session share a socket identity, and the kernel answers the newest
+            own = Session(key=self.km.session.key, signature_scheme=self.km.session.signature_scheme)
+            self.kc = self.km.client(session=own)
+            self.kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
+            self.call(f"kernel_warm({tuple(imports)!r})", timeout)
+        except BaseException:
+            self.shutdown(now=True); raise
+
+    def call(self, expr: str, timeout: float = 60) -> None:
+        "Evaluate `echoes.sweep.<expr>` in the kernel, silently (no output, no history, no names); raise its error."
+        c = run_sync(_ask)(self.km, self.kc, f"__import__({_HOME!r}, fromlist=['_']).{expr}", timeout)["content"]
+        if c["status"] != "ok": raise RuntimeError(f"{expr} failed in the kernel: {c.get('ename')}: {c.get('evalue')}")
+
+# %% ../nbs/08_sweep.ipynb #8ed4b6f2
+@patch
+def release(self: WarmKernel) -> None:
+    "Close the clients papermill opened on the kernel."
+    for c in self.km.handed:
+        if c is not self.kc: c.stop_channels()
+    self.km.handed[:] = [self.kc]
+
+@patch
+def shutdown(self: WarmKernel, now: bool = False) -> None:
+    "Stop the kernel (`now`: kill it, else ask it to exit first) and close its clients."
+    with contextlib.suppress(Exception): self.release(); self.kc.stop_channels()
+    with contextlib.suppress(Exception):
+        if not now: return run_sync(self.km.shutdown_kernel)()
+        run_sync(self.km.signal_kernel)(signal.SIGKILL)  # shutdown_kernel(now=True) would interrupt it first
+        run_sync(self.km.provisioner.wait)(); run_sync(self.km.cleanup_resources)()
+
+# %% ../nbs/08_sweep.ipynb #46fa5353
+def current_kernel() -> WarmKernel | None:
+    "This thread's warm kernel, if it has one."
+    return getattr(_local, "kernel", None)
+
+def discard_kernel(now: bool = False) -> None:
+    "Shut this thread's warm kernel down."
+    if (k := current_kernel()) is not None:
+        _local.kernel = None; _kernels.discard(k); k.shutdown(now=now)
+
+def _fits(k: WarmKernel, kernel_name: str, max_trials: int) -> bool:
+    "Whether `k` may run another trial: the right kind, not used up, started as it would be now, alive."
+    return (kernel_name == k.kernel_name and k.trials < max_trials and k.env == _env_key()
+            and k.code == _code_stamp() and bool(run_sync(k.km.is_alive)()))
+
+def warm_kernel(kernel_name: str = "python3", cwd: str | Path | None = None,
+                max_trials: int = MAX_TRIALS_PER_KERNEL) -> WarmKernel:
+    "This thread's warm kernel for a trial of a `kernel_name` notebook run in `cwd`, started or replaced as needed."
+    cwd = str(cwd or Path.cwd())
+    if (k := current_kernel()) is not None and not _fits(k, kernel_name, max_trials):
+        discard_kernel(now=True); k = None  # reset after its last trial: nothing left to exit cleanly
+    if k is None: k = _local.kernel = WarmKernel(kernel_name, cwd); _kernels.add(k)
+    if cwd != k.cwd: k.call(f"os.chdir({cwd!r})")  # its reset puts back the kernel's own
+    return k
+
+# %% ../nbs/08_sweep.ipynb #f9bc8d8a
+def settle_kernel(failed: bool) -> None:
+    "After a trial: reset this thread's kernel for the next one, or shut it down when the trial failed or the reset fails."
+    if (k := current_kernel()) is None: return
+    k.release(); k.trials += 1
+    if not failed:
+        try: return k.call("kernel_reset()")
+        except Exception as e: get_logger("echoes.sweep").warning(f"a new kernel for the next trial: {e}")
+    discard_kernel()
+
+@atexit.register
+def _shutdown_kernels() -> None:
+    for k in list(_kernels): k.shutdown(now=True)
+
+# %% ../nbs/08_sweep.ipynb #c490aacf
+def notebook_kernel(path: str | Path) -> str:
+    "The kernel a notebook asks for (its kernelspec's name), as papermill reads it."
+    import nbformat
+    from papermill.utils import nb_kernel_name
+    with warnings.catch_warnings():  # nbformat's note about cell ids of the source notebook: not ours to fix
+        warnings.filterwarnings("ignore", message=".*missing an id field.*")
+        return nb_kernel_name(nbformat.read(str(path), as_version=4))
+
+def _execute(t: Trial, out: Path, run_id: str, client, warm: bool = True,
+             max_trials: int = MAX_TRIALS_PER_KERNEL) -> str | None:
     "Execute the trial's notebook into run `run_id` with papermill; the error of a failing notebook, else None."
     import papermill as pm
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {**t.params, "run_id": run_id, "run_name": t.name, "tracking_uri": t.tracking_uri,
               "experiment": t.experiment, "progress": False}
+    cwd, error = str(Path(t.notebook).parent), None
     try:
-        with warnings.catch_warnings():  # nbformat's note about cell ids of the source notebook: not ours to fix
+        kernel = {"km": warm_kernel(notebook_kernel(t.notebook), cwd, max_trials).km} if warm else {"config": kernel_config()}
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*missing an id field.*")
-            pm.execute_notebook(t.notebook, str(out), parameters=params, progress_bar=False,
-                                cwd=str(Path(t.notebook).parent), config=kernel_config())
+            pm.execute_notebook(t.notebook, str(out), parameters=params, progress_bar=False, cwd=cwd, **kernel)
     except KeyboardInterrupt:
+        if warm: discard_kernel(now=True)
         with contextlib.suppress(Exception):
             if client.get_run(run_id).info.status != "FINISHED": client.set_terminated(run_id, "KILLED")
         raise
-    except Exception as e:  # a failing notebook, or papermill failing to run it
+    except Exception as e:  # a failing notebook, a kernel that died or could not start, papermill failing
         ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
-        return f"{ename}: {evalue}".strip()[:2000]
-    return None
+        error = f"{ename}: {evalue}".strip()[:2000]
+    if warm: settle_kernel(failed=error is not None)
+    return error
 
-def run_trial(t: Trial) -> TrialResult:
-    "Run a planned trial into its MLflow child run; a failing notebook is reported in the result, never raised."
+# %% ../nbs/08_sweep.ipynb #a1389243
+def run_trial(t: Trial, warm: bool = True, max_trials_per_kernel: int = MAX_TRIALS_PER_KERNEL) -> TrialResult:
+    """Run a planned trial into its MLflow child run, in this thread's warm kernel (`warm=False`: a new one);
+    a failing notebook is reported in the result, never raised."""
     t0, client = time.time(), _client(t.tracking_uri)
     run = _child(client, t)
     res = TrialResult.of(t, run_id=run.info.run_id)
-    if run.info.status == "FINISHED": return replace(res, status="SKIPPED", metrics=_metrics(run))
+    if run.info.status == "FINISHED": return replace(res, status="SKIPPED", metrics=run_metrics(run))
     owner = run.data.tags.get("echoes.owner")
     if run.info.status == "RUNNING" and owner != owner_tag() and owner_alive(owner):
         return replace(res, status="RUNNING", error=f"being run by another process ({owner})")
     client.set_tag(res.run_id, "echoes.owner", owner_tag())
     out = runs_dir(create=False) / t.output
-    error = _execute(t, out, res.run_id, client)
+    error = _execute(t, out, res.run_id, client, warm, max_trials_per_kernel)
     if out.exists():
         with contextlib.suppress(Exception):
             client.log_artifact(res.run_id, str(out), "notebook"); res.notebook = str(out)
     res.status, res.error = _settle(client, res.run_id, error)
-    return replace(res, metrics=_metrics(client.get_run(res.run_id)), wall_s=round(time.time() - t0, 2))
+    return replace(res, metrics=run_metrics(client.get_run(res.run_id)), wall_s=round(time.time() - t0, 2))
 
 # %% ../nbs/08_sweep.ipynb #976f965e
 Executor = Callable[[list[Trial], int], Iterable[TrialResult]]
@@ -390,27 +687,37 @@ def _init_worker(parent: int, slots, parallel: int, cores: int, gpus: list[str])
     die_with_parent(parent)
     os.environ.update(worker_env(slots.get(), parallel, cores, gpus))
 
+@dataclass
 class LocalExecutor:
     "The local executor: trials one by one in this process when `parallel` is 1, else on a pool of `parallel` processes."
+    warm: bool = True                                       # each process runs its trials in its warm kernel
+    max_trials_per_kernel: int = MAX_TRIALS_PER_KERNEL
     name = "local"
 
-    def __call__(self, trials: list[Trial], parallel: int = 1) -> Iterator[TrialResult]:
-        if parallel <= 1 or len(trials) <= 1:
-            yield from map(run_trial, trials)
+    def __call__(self, trials: Iterable[Trial], parallel: int = 1) -> Iterator[TrialResult]:
+        "Run `trials` (a list, or a lazy stream taken one at a time as workers free up), `parallel` at a time."
+        run = functools.partial(run_trial, warm=self.warm, max_trials_per_kernel=self.max_trials_per_kernel)
+        if parallel <= 1 or (isinstance(trials, Sized) and len(trials) <= 1):
+            yield from map(run, trials)
             return
-        warm_caches(trials)
+        if isinstance(trials, Sized): warm_caches(trials)  # a stream's driver prepares its data itself
         # spawn, not fork: the parent holds MLflow's sqlite connections and maybe torch threads
         ctx = mp.get_context("spawn")
         slots = ctx.Queue()
         for i in range(parallel): slots.put(i)
         with cf.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker,
                                     initargs=(os.getpid(), slots, parallel, cpu_count(), gpu_ids())) as pool:
-            futs = {pool.submit(run_trial, t): t for t in trials}
+            trials, futs = iter(trials), {}
             try:
-                for f in cf.as_completed(futs):
-                    try: yield f.result()
-                    except Exception as e:  # the worker died or run_trial itself broke: report, carry on
-                        yield TrialResult.of(futs[f], status="FAILED", error=f"{type(e).__name__}: {e}")
+                while True:
+                    while len(futs) < parallel and (t := next(trials, None)) is not None: futs[pool.submit(run, t)] = t
+                    if not futs: return
+                    done, _ = cf.wait(futs, return_when=cf.FIRST_COMPLETED)
+                    for f in done:
+                        t = futs.pop(f)
+                        try: yield f.result()
+                        except Exception as e:  # the worker died or run_trial itself broke: report, carry on
+                            yield TrialResult.of(t, status="FAILED", error=f"{type(e).__name__}: {e}")
             except BaseException:
                 for f in futs: f.cancel()
                 raise
@@ -419,17 +726,19 @@ class LocalExecutor:
 def _finished(info: dict, trials: list[Trial]) -> dict[str, TrialResult]:
     "SKIPPED results of the trials whose child run is FINISHED already."
     done = child_runs(info["tracking_uri"], info["experiment_id"], info["parent_run_id"])
-    return {t.key: TrialResult.of(t, run_id=r.info.run_id, status="SKIPPED", metrics=_metrics(r))
+    return {t.key: TrialResult.of(t, run_id=r.info.run_id, status="SKIPPED", metrics=run_metrics(r))
             for t in trials if (r := done.get(t.key)) is not None and r.info.status == "FINISHED"}
 
-def _summary(info: dict, trials: list[Trial], results: dict, executor: str, parallel: int, wall: float) -> dict:
+def sweep_summary(info: dict, trials: list[Trial], results: dict, executor: str, parallel: int, wall: float) -> dict:
+    "The JSON-able summary of a sweep: where it is recorded, counts by status, one row per trial."
     rows = [results[t.key].to_dict() for t in trials if t.key in results]
     count = lambda st: sum(r["status"] == st for r in rows)  # noqa: E731
     return {**info, "executor": executor, "parallel": parallel, "wall_s": round(wall, 1), "total": len(trials),
             "finished": count("FINISHED"), "skipped": count("SKIPPED"), "failed": count("FAILED"),
             "not_run": len(trials) - len(rows), "trials": rows}
 
-def _finish_parent(info: dict, summary: dict, status: str) -> None:
+def finish_parent(info: dict, summary: dict, status: str) -> None:
+    "Log the summary to the parent run and end it with `status`."
     client = _client(info["tracking_uri"])
     with contextlib.suppress(Exception):
         client.log_dict(info["parent_run_id"], summary, "sweep_summary.json")
@@ -464,8 +773,8 @@ def run_sweep(sweep: Sweep | str | Path | dict, parallel: int | None = None, tra
         status = "KILLED"; raise
     finally:
         bar.close()
-        summary = _summary(info, trials, results, name, parallel, time.time() - t0)
-        _finish_parent(info, summary, status)
+        summary = sweep_summary(info, trials, results, name, parallel, time.time() - t0)
+        finish_parent(info, summary, status)
     return summary
 
 # %% ../nbs/08_sweep.ipynb #54144b5c

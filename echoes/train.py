@@ -74,7 +74,7 @@ def _parse_ridge(v):
 class TrainConfig:
     "Every parameter of a training run: what to train, on what, how, and where to record it."
     model: str = _field("esn", "run")                             # esn, deep_esn, rnn, deep_rnn, lstm, gru, mean
-    dataset: str = _field("synthetic", "run", "data")             # synthetic, ucf101, frames, cifar10
+    dataset: str = _field("synthetic", "run", "data")             # a name in echoes.data.DATASETS: synthetic, ucf101, hmdb51, kinetics, ssv2, frames, cifar10
     data_root: str | None = _field(None, "data")                  # folder of the dataset (None: the built-in one's cache)
     classes: int = _field(8, "data", ge=1)                        # built-in dataset: motion classes, up to 16 (grow/shrink, diagonals, rotation)
     fold: int = _field(1, "data", ge=1)                           # UCF101 split 1..3

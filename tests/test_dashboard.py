@@ -181,3 +181,41 @@ def test_dashboard_escapes_run_values(hostile_page, tmp_path):
     assert SCRIPT in dict(links) and all(re.match(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}$", h)
                                          for _, h in links)
     assert failed == [f"failed {SVG}: RuntimeError: {ERROR}"]
+
+
+@pytest.fixture(scope="module")
+def search_page(tmp_path_factory):
+    """A search sweep's record in a real store (as the search writes it; `test_compare.log_search_sweep`), with HTML
+    in the protocol's device and in a selected choice, and its dashboard page."""
+    from test_compare import log_search_sweep
+    d = tmp_path_factory.mktemp("search-dash")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    parent = log_search_sweep(uri, device=f"cpu {IMG}", choice=SCRIPT)
+    return dashboard(tracking_uri=uri, parent=parent, out=d / "dashboard" / "search.html").read_text()
+
+
+@pytest.mark.slow
+def test_search_dashboard(search_page):
+    from html import unescape
+    text = search_page
+    order = [text.index(s) for s in ("Is the comparison fair?", "<h2 id=\"search\"", "echoes-final", "<h2 id=\"Runs\"")]
+    assert order == sorted(order), "the fairness header first, then the search, the final table, the runs"
+    plain = unescape(re.sub(r"<[^>]+>", "", text))
+    assert "Fair: equal budgets, the same seeds, the same features, selection on validation." in plain
+    assert "budgets: every architecture was granted 4 trials; training spent 2 s (esn) to 20 s (lstm)" in plain
+    assert "seeds: seeds 0, 1, 2, 3, 4 for every architecture (5 paired seeds)" in plain
+    assert "features: identical in every final run: dataset=synthetic, classes=16, fold=1" in plain
+    assert re.search(r"Conclusion: gru is best \(0\.9\d\d \[0\.9\d\d, 0\.9\d\d\], bootstrap 95% CI over 5 seeds\); "
+                     r"esn and lstm are not distinguishable from it at 5 seeds", plain)
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', text)) == 3, \
+        "the search history, the P(beats) matrix, the trade-offs (and no ESN grid drawn from search trials)"
+    budget = re.search(r'<table[^>]*echoes-budget.*?</table>', text, re.S).group(0)
+    assert budget.count("<tr") == 1 + 4 and "trials granted" in budget and "train s spent" in budget
+    final = re.search(r'<table[^>]*echoes-final.*?</table>', text, re.S).group(0)
+    for col in ("bootstrap 95% CI", "t 95% CI", "diff vs best", "p (paired t, Holm)", "d_z", "P(beats best)",
+                "trainable params", "trials", "train s"):
+        assert f"<th>{col}</th>" in final
+    assert re.findall(r"<td>(best|n\.s\.|worse)</td>", final) == ["best", "n.s.", "n.s.", "worse"]
+    assert "Paired tests:" in plain and "Holm-corrected" in plain
+    assert "<script>window.__pwned" not in text and "<img src=x" not in text  # the protocol's text, escaped
+    assert f"cpu {IMG}" in plain and SCRIPT in plain  # ... and shown

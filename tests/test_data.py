@@ -387,7 +387,7 @@ def test_arrays(runs):
 
 def test_unknown_names(runs):
     with pytest.raises(ValueError, match="valid names: synthetic, ucf101, frames, cifar10"):
-        load("kinetics")
+        load("youtube8m")
     with pytest.raises(ValueError, match="valid names: pixels, randconv, resnet18"):
         load("synthetic", encoder="clip")
 

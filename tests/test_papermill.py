@@ -84,7 +84,7 @@ def test_papermill_to_stdout(tmp_path):
 
 
 @pytest.mark.parametrize("param,value,names", [
-    ("model", "transformer", "esn"), ("dataset", "kinetics", "synthetic"),
+    ("model", "transformer", "esn"), ("dataset", "youtube8m", "synthetic"),
     ("bogus", "1", "valid parameters: batch_size"),  # papermill itself defines any name it is given
     ("spectral_radius", "nan", "spectral_radius must be a finite number"), ("input_scaling", "nan", "input_scaling"),
     ("ridge", "nan", "ridge"), ("epochs", "2.5", "epochs must be an integer"),

@@ -90,6 +90,19 @@ def test_sweep_on_two_nodes_matches_local(stack, driver_env, tmp_path):
     assert again["skipped"] == 2 and again["finished"] == 0
 
 
+def test_search_on_two_nodes_agrees_with_its_studies(stack, driver_env):
+    "A search sweep on the two-node cluster: one proposal per free slot, each told to its study as it finishes."
+    from test_search import agree
+    sw = {"name": "raysearch", "experiment": "raytest", "dataset": "synthetic", "seeds": [0, 1],
+          "params": {"device": "cpu", "epochs": 2, "hidden_size": 16},
+          "models": {"esn": {"hidden_size": 50}, "mean": {}},
+          "search": {"budget": {"trials": 2}, "startup_trials": 1}}
+    s = run_sweep_ray(sw, address=stack["rc"].address, tracking_uri=stack["ml"].url, parallel=2, progress=False)
+    assert (s["total"], s["failed"], s["executor"]) == (2 + 2 + 4, 0, "ray"), s
+    assert len({t["node_id"] for t in s["trials"] if t.get("node_id")}) == 2, "both nodes ran trials"
+    agree(s, stack["ml"].url, {"esn": 2, "mean": 2})
+
+
 def test_failing_trial_is_retried_then_reported(stack, driver_env, tmp_path):
     "A trial whose notebook fails is submitted once more, then reported FAILED with its error; the others finish."
     import nbformat

@@ -11,13 +11,15 @@ from echoes.tracking import client, search_all
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_default_sweep_file():
-    sw = load_sweep(ROOT / "sweeps" / "default.yaml")
-    assert {t.model for t in sw.trials} == {"esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean"}
-    assert len(sw.seeds) >= 3
-    esn = {(t.params["spectral_radius"], t.params["leak"]) for t in sw.trials if t.model == "esn"}
-    assert len(esn) >= 4, "the default sweep varies the ESN's spectral radius and leak rate"
-    assert all(t.params["dataset"] == "synthetic" for t in sw.trials)
+def test_default_sweep_is_the_search_protocol_with_equal_budgets():
+    from echoes.search import SearchSweep, load
+    ss = load(ROOT / "sweeps" / "default.yaml")
+    assert isinstance(ss, SearchSweep)
+    assert set(ss.sweep.models) == {"esn", "deep_esn", "rnn", "deep_rnn", "lstm", "gru", "mean"}
+    assert len(set(ss.budgets.values())) == 1, "every architecture gets the same budget"
+    assert len(ss.sweep.seeds) >= 5 and ss.seed not in ss.sweep.seeds
+    assert all(ss.spaces[m] for m in ss.sweep.models), "every architecture is tuned"
+    assert ss.sweep.dataset == "synthetic" and ss.select.startswith("val")
 
 
 def test_smoke_sweep_file():
