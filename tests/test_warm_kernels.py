@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt, mlflow, numpy as np, pandas as pd, torch
 leftover = 42
 random.random(); np.random.rand(); torch.rand(3)                 # draws without a seed
 random.seed(123); np.random.seed(123); torch.manual_seed(123)    # and a seed the next trial must not inherit
-torch.set_num_threads(1); torch.set_default_dtype(torch.float64); torch.set_grad_enabled(False)
+torch.set_num_threads(torch.get_num_threads() + 1); torch.set_default_dtype(torch.float64)
+torch.set_grad_enabled(False)
 mlflow.set_tracking_uri(uri); mlflow.set_experiment("pollution"); run = mlflow.start_run()
 os.environ["ECHOES_POLLUTED"] = "1"; os.chdir("/"); sys.path.append("/polluted"); sys.argv.append("--polluted")
 logging.getLogger().addHandler(logging.FileHandler(log)); logging.getLogger("echoes").addHandler(logging.NullHandler())
