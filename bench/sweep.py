@@ -2,12 +2,12 @@
 
 (a) in-process (the baseline): each trial's training through `echoes.tracking.run_experiment` in this process
     (data from the caches, fit, evaluate, MLflow logging with the model and figures), timed one by one, with the
-    threads a pool worker gets (cores // parallel): the trials' own compute.
-(b) warm: the same trials as a sweep on the local pool (`--parallel`), each worker running its trials through
+    threads a pool slot's kernel gets (cores // parallel): the trials' own compute.
+(b) warm: the same trials as a sweep on the local pool (`--parallel`), each slot running its trials through
     `nbs/train.ipynb` in its warm kernel, the executed notebook logged to each run.
 (c) `--cold`: the same sweep with a new kernel per trial (the path before warm kernels), for reference.
-Per-trial overhead = (wall x workers - sum of in-process compute) / trials; "in a trial" is the median of each
-trial's wall in its worker minus its in-process compute (what remains is the pool's and kernels' start).
+Per-trial overhead = (wall x parallel - sum of in-process compute) / trials; "in a trial" is the median of each
+trial's wall in its slot minus its in-process compute (the rest of the overhead is the kernels' start).
 The three run round-robin, one repeat of each per round; the numbers are medians over rounds.
 Target on the 2-core machine: per-trial overhead <= 1.5 s (warm).
 
@@ -28,7 +28,7 @@ def _args(argv=None):
     p.add_argument("--models", nargs="+", default=["esn", "gru", "mean"])
     p.add_argument("--seeds", type=int, default=4, help="seeds per model (trials = models x seeds)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the gradient models")
-    p.add_argument("--parallel", type=int, default=2, help="pool workers of the sweeps")
+    p.add_argument("--parallel", type=int, default=2, help="pool slots of the sweeps")
     p.add_argument("--repeat", type=int, default=3, help="rounds (medians over them)")
     p.add_argument("--cold", action="store_true", help="also time a new kernel per trial")
     p.add_argument("--notebook", default=None, help="the training notebook of the sweeps (default: nbs/train.ipynb)")
@@ -70,11 +70,12 @@ def in_process(trials, uri: str, tag: str) -> dict:
 
 def swept(a, uri: str, name: str, warm: bool, compute: dict) -> dict:
     "Run the trials as a sweep on the local pool; its wall, overhead per trial and the median in-trial overhead."
-    from echoes.sweep import LocalExecutor, run_sweep
+    from echoes.sweep import LocalExecutor, run_sweep, shutdown_kernels
     t0 = time.perf_counter()
     s = run_sweep(sweep_spec(a, name), parallel=a.parallel, tracking_uri=uri, executor=LocalExecutor(warm=warm),
                   progress=False)
     wall = time.perf_counter() - t0
+    shutdown_kernels()  # every round starts its kernels, as a new sweep does
     if s["finished"] != s["total"]:
         raise RuntimeError(f"sweep {name}: {s['failed']} trials failed: " +
                            "; ".join(f"{r['name']}: {r['error']}" for r in s["trials"] if r.get("error")))
@@ -95,7 +96,7 @@ def measure(a, tmp: Path) -> dict:
     client(uri).search_experiments()          # a new store takes seconds: made before any timing
     trials = load_sweep(sweep_spec(a, "bench")).trials
     warm_caches(trials)                       # the caches, built once: every path reads them
-    torch.set_num_threads(max(1, cpu_count() // a.parallel))  # what each pool worker gets
+    torch.set_num_threads(max(1, cpu_count() // a.parallel))  # what each pool slot's kernel gets
     run_experiment({**trials[0].params, "tracking_uri": uri, "experiment": "bench-warmup", "progress": False})
     modes = ["warm"] + (["cold"] if a.cold else [])
     rounds = []

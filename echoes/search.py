@@ -379,7 +379,7 @@ def run_search(ss: SearchSweep | str | Path | dict, parallel: int | None = None,
     from tqdm.auto import tqdm
     t0, ss = time.time(), load(ss)
     if not isinstance(ss, SearchSweep): raise ConfigError(f"sweep {ss.name!r} has no `search:` section: use run_sweep")
-    executor = executor or LocalExecutor()
+    own, executor = executor is None, executor or LocalExecutor()
     name, parallel = getattr(executor, "name", "custom"), int(parallel or ss.sweep.parallel or 1)
     if parallel < 1: raise ValueError(f"parallel must be >= 1, got {parallel}")
     sr = SearchRun(ss, tracking_uri)
@@ -411,6 +411,7 @@ def run_search(ss: SearchSweep | str | Path | dict, parallel: int | None = None,
             summary["protocol"] = sr.protocol(selected if selected is not None else sr.selected())
             _client(sr.info["tracking_uri"]).log_dict(sr.info["parent_run_id"], summary["protocol"], "protocol.json")
         finish_parent(sr.info, summary, status)
+        if own: executor.close()
     return summary
 
 def run(sweep, parallel: int | None = None, tracking_uri: str | None = None, executor: Executor | None = None,

@@ -6,7 +6,7 @@ pool (or another executor), resumable, and robust to a failing trial."""
 
 # %% ../nbs/08_sweep.ipynb #bc3b2f41
 from __future__ import annotations
-import atexit, concurrent.futures as cf, contextlib, copy, dataclasses, functools, gc, itertools, logging, multiprocessing as mp, os
+import atexit, concurrent.futures as cf, contextlib, copy, dataclasses, functools, gc, itertools, logging, os
 import queue, random, signal, socket, sys, tempfile, threading, time, warnings, zlib
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
@@ -24,12 +24,13 @@ from .tracking import client as _client, experiment_id, resolve_tracking_uri, se
 
 # %% auto #0
 __all__ = ['RESERVED', 'NOT_IDENTITY', 'SWEEP_KEYS', 'FRESH_LOGGER', 'KERNEL_STATE', 'WARM_IMPORTS', 'MAX_TRIALS_PER_KERNEL',
-           'Executor', 'check_params', 'trial_name', 'Trial', 'sweep_seeds', 'sweep_models', 'check_sweep_fields',
-           'Sweep', 'read_sweep', 'load_sweep', 'child_runs', 'start_parent', 'default_notebook', 'place', 'plan',
-           'TrialResult', 'run_metrics', 'owner_tag', 'owner_alive', 'kernel_state', 'restore_kernel_state',
-           'kernel_warm', 'kernel_reset', 'WarmKernel', 'current_kernel', 'discard_kernel', 'warm_kernel',
-           'settle_kernel', 'notebook_kernel', 'run_trial', 'cpu_count', 'gpu_ids', 'worker_env', 'warm_caches',
-           'die_with_parent', 'LocalExecutor', 'sweep_summary', 'finish_parent', 'run_sweep', 'sweep_report']
+           'SAVE_EVERY_S', 'Executor', 'check_params', 'trial_name', 'Trial', 'sweep_seeds', 'sweep_models',
+           'check_sweep_fields', 'Sweep', 'read_sweep', 'load_sweep', 'child_runs', 'start_parent', 'default_notebook',
+           'place', 'plan', 'TrialResult', 'run_metrics', 'owner_tag', 'owner_alive', 'kernel_state',
+           'restore_kernel_state', 'kernel_warm', 'kernel_reset', 'WarmKernel', 'kernel_slot', 'current_kernel',
+           'discard_kernel', 'warm_kernel', 'settle_kernel', 'shutdown_kernels', 'trial_engine', 'notebook_kernel',
+           'run_trial', 'cpu_count', 'gpu_ids', 'worker_env', 'warm_caches', 'LocalExecutor', 'sweep_summary',
+           'finish_parent', 'run_sweep', 'sweep_report']
 
 # %% ../nbs/08_sweep.ipynb #3101df1b
 # Set by the sweep itself (top level or per trial), never by `params`.
@@ -498,20 +499,20 @@ def _code_stamp() -> tuple:
 
 # %% ../nbs/08_sweep.ipynb #a0f53fbc
 _HOME = "echoes.sweep"  # where a kernel finds kernel_warm and kernel_reset
-_serial, _local, _kernels = itertools.count(), threading.local(), set()  # kernels: by thread, all
+_serial, _local, _kernels = itertools.count(), threading.local(), {}  # kernels by slot (see `kernel_slot`)
 
 class WarmKernel:
     "A started kernel with the training notebook's libraries imported, for one trial at a time (see `warm_kernel`)."
     def __init__(self, kernel_name: str = "python3", cwd: str | Path | None = None,
-                 imports: Iterable[str] = WARM_IMPORTS, timeout: float = 120):
+                 imports: Iterable[str] = WARM_IMPORTS, timeout: float = 120, env: dict | None = None):
         self.kernel_name, self.cwd, self.trials = kernel_name, str(cwd or Path.cwd()), 0
-        self.env, self.code = _env_key(), _code_stamp()
+        self.env, self.code = _env_key(env), _code_stamp()
         # local sockets of its own, not TCP ports: kernels starting at once never race for a port. On Linux they
         # are abstract (no files, so a killed kernel leaves none behind)
         ipc = f"{'@' if sys.platform == 'linux' else tempfile.gettempdir() + os.sep}echoes-kernel-{os.getpid()}-{next(_serial)}"
         self.km = _KernelManager(kernel_name=kernel_name, config=kernel_config(), transport="ipc", ip=ipc)
         # papermill runs kernels with an in-memory history: parallel kernels never share a history file
-        run_sync(self.km.start_kernel)(cwd=self.cwd, extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        run_sync(self.km.start_kernel)(cwd=self.cwd, env=self.env, extra_arguments=["--HistoryManager.hist_file=:memory:"])
         self.pid = self.km.provisioner.process.pid
         try:
             # a session of its own: clients of one session share a socket identity, and the kernel answers the newest
@@ -545,52 +546,94 @@ def shutdown(self: WarmKernel, now: bool = False) -> None:
         run_sync(self.km.provisioner.wait)(); run_sync(self.km.cleanup_resources)()
 
 # %% ../nbs/08_sweep.ipynb #46fa5353
+@contextlib.contextmanager
+def kernel_slot(slot: int, env: dict | None = None):
+    "Run this thread's trials in pool slot `slot`'s kernel, started with environment `env` (default: this process's)."
+    _local.slot, _local.env = slot, env
+    try: yield
+    finally: _local.slot = _local.env = None
+
+def _slot():
+    s = getattr(_local, "slot", None)
+    return ("thread", threading.get_ident()) if s is None else s
+
 def current_kernel() -> WarmKernel | None:
-    "This thread's warm kernel, if it has one."
-    return getattr(_local, "kernel", None)
+    "The warm kernel of this thread's slot, if it has one."
+    return _kernels.get(_slot())
 
 def discard_kernel(now: bool = False) -> None:
-    "Shut this thread's warm kernel down."
-    if (k := current_kernel()) is not None:
-        _local.kernel = None; _kernels.discard(k); k.shutdown(now=now)
+    "Shut the kernel of this thread's slot down."
+    if (k := _kernels.pop(_slot(), None)) is not None: k.shutdown(now=now)
 
-def _fits(k: WarmKernel, kernel_name: str, max_trials: int) -> bool:
+def _fits(k: WarmKernel, kernel_name: str, max_trials: int, env: dict | None = None) -> bool:
     "Whether `k` may run another trial: the right kind, not used up, started as it would be now, alive."
-    return (kernel_name == k.kernel_name and k.trials < max_trials and k.env == _env_key()
+    return (kernel_name == k.kernel_name and k.trials < max_trials and k.env == _env_key(env)
             and k.code == _code_stamp() and bool(run_sync(k.km.is_alive)()))
 
 def warm_kernel(kernel_name: str = "python3", cwd: str | Path | None = None,
                 max_trials: int = MAX_TRIALS_PER_KERNEL) -> WarmKernel:
-    "This thread's warm kernel for a trial of a `kernel_name` notebook run in `cwd`, started or replaced as needed."
-    cwd = str(cwd or Path.cwd())
-    if (k := current_kernel()) is not None and not _fits(k, kernel_name, max_trials):
+    "The warm kernel of this thread's slot for a trial of a `kernel_name` notebook run in `cwd`, started or replaced as needed."
+    cwd, env = str(cwd or Path.cwd()), getattr(_local, "env", None)
+    if (k := current_kernel()) is not None and not _fits(k, kernel_name, max_trials, env):
         discard_kernel(now=True); k = None  # reset after its last trial: nothing left to exit cleanly
-    if k is None: k = _local.kernel = WarmKernel(kernel_name, cwd); _kernels.add(k)
+    if k is None: k = _kernels[_slot()] = WarmKernel(kernel_name, cwd, env=env)
     if cwd != k.cwd: k.call(f"os.chdir({cwd!r})")  # its reset puts back the kernel's own
     return k
 
 # %% ../nbs/08_sweep.ipynb #f9bc8d8a
-def settle_kernel(failed: bool) -> None:
-    "After a trial: reset this thread's kernel for the next one, or shut it down when the trial failed or the reset fails."
+def settle_kernel(failed: bool, last: bool = False) -> None:
+    """After a trial: reset the kernel of this thread's slot for the next one, or shut it down when the trial failed,
+    the reset fails, or it was the kernel's `last` trial."""
     if (k := current_kernel()) is None: return
     k.release(); k.trials += 1
-    if not failed:
+    if not (failed or last):
         try: return k.call("kernel_reset()")
         except Exception as e: get_logger("echoes.sweep").warning(f"a new kernel for the next trial: {e}")
     discard_kernel()
 
 @atexit.register
-def _shutdown_kernels() -> None:
-    for k in list(_kernels): k.shutdown(now=True)
+def shutdown_kernels() -> None:
+    "Stop every slot's warm kernel."
+    while _kernels: _kernels.popitem()[1].shutdown(now=True)
+
+# %% ../nbs/08_sweep.ipynb #42c6ab78
+SAVE_EVERY_S = 2.0
+
+@functools.cache
+def trial_engine() -> str:
+    "Register papermill's engine for trials on first use (papermill's import costs ~1 s: not at a kernel's start); its name."
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    class Manager(NotebookExecutionManager):
+        def save(self, **kw):
+            recent = (self.now() - self.last_save_time).total_seconds() < SAVE_EVERY_S
+            if self.end_time is None and getattr(self, "_saved", False) and recent: return
+            self._saved = True; super().save(**kw)
+
+    class Engine(NBClientEngine):
+        manager = Manager
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kw):  # papermill's Engine.execute_notebook, with Manager
+            nb_man = cls.manager(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                                 autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kw)
+            finally: nb_man.cleanup_pbar(); nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register("echoes", Engine)
+    # nbformat's note that a notebook's cells lack ids (papermill's injected cell has none): not ours to fix. Once, for
+    # the process: `warnings.catch_warnings` around each trial is not thread-safe, and slots are threads
+    warnings.filterwarnings("ignore", message=".*missing an id field.*")
+    return "echoes"
 
 # %% ../nbs/08_sweep.ipynb #c490aacf
 def notebook_kernel(path: str | Path) -> str:
     "The kernel a notebook asks for (its kernelspec's name), as papermill reads it."
     import nbformat
     from papermill.utils import nb_kernel_name
-    with warnings.catch_warnings():  # nbformat's note about cell ids of the source notebook: not ours to fix
-        warnings.filterwarnings("ignore", message=".*missing an id field.*")
-        return nb_kernel_name(nbformat.read(str(path), as_version=4))
+    return nb_kernel_name(nbformat.read(str(path), as_version=4))
 
 def _execute(t: Trial, out: Path, run_id: str, client, warm: bool = True,
              max_trials: int = MAX_TRIALS_PER_KERNEL) -> str | None:
@@ -599,26 +642,25 @@ def _execute(t: Trial, out: Path, run_id: str, client, warm: bool = True,
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {**t.params, "run_id": run_id, "run_name": t.name, "tracking_uri": t.tracking_uri,
               "experiment": t.experiment, "progress": False}
-    cwd, error = str(Path(t.notebook).parent), None
+    cwd, error, engine = str(Path(t.notebook).parent), None, trial_engine()
     try:
-        kernel = {"km": warm_kernel(notebook_kernel(t.notebook), cwd, max_trials).km} if warm else {"config": kernel_config()}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*missing an id field.*")
-            pm.execute_notebook(t.notebook, str(out), parameters=params, progress_bar=False, cwd=cwd, **kernel)
+        km = warm_kernel(notebook_kernel(t.notebook), cwd, max_trials if warm else 1).km
+        # no `cwd=`: papermill would chdir this whole process, under the other slots' feet; the kernel is there already
+        pm.execute_notebook(t.notebook, str(out), parameters=params, progress_bar=False, km=km, engine_name=engine)
     except KeyboardInterrupt:
-        if warm: discard_kernel(now=True)
+        discard_kernel(now=True)
         with contextlib.suppress(Exception):
             if client.get_run(run_id).info.status != "FINISHED": client.set_terminated(run_id, "KILLED")
         raise
     except Exception as e:  # a failing notebook, a kernel that died or could not start, papermill failing
         ename, evalue = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
         error = f"{ename}: {evalue}".strip()[:2000]
-    if warm: settle_kernel(failed=error is not None)
+    settle_kernel(failed=error is not None, last=not warm)
     return error
 
 # %% ../nbs/08_sweep.ipynb #a1389243
 def run_trial(t: Trial, warm: bool = True, max_trials_per_kernel: int = MAX_TRIALS_PER_KERNEL) -> TrialResult:
-    """Run a planned trial into its MLflow child run, in this thread's warm kernel (`warm=False`: a new one);
+    """Run a planned trial into its MLflow child run, in the warm kernel of this thread's slot (`warm=False`: a new one);
     a failing notebook is reported in the result, never raised."""
     t0, client = time.time(), _client(t.tracking_uri)
     run = _child(client, t)
@@ -653,7 +695,7 @@ def gpu_ids() -> list[str]:
     except Exception: return []
 
 def worker_env(slot: int, parallel: int, cores: int | None = None, gpus: list[str] | None = None) -> dict:
-    "Environment of pool worker `slot` of `parallel`: its share of the cores, and its GPU when there are GPUs."
+    "Environment of the kernel of pool slot `slot` of `parallel`: its share of the cores, and its GPU when there are GPUs."
     n = str(max(1, (cores or cpu_count()) // parallel))
     env = {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     gpus = gpu_ids() if gpus is None else gpus
@@ -673,54 +715,45 @@ def warm_caches(trials: list[Trial]) -> None:
         except Exception as e:  # the trials will fail with the full story; nothing to add here
             get_logger("echoes.sweep").warning(f"could not prepare the data of {t.name}: {e}")
 
-# %% ../nbs/08_sweep.ipynb #87693a47
-def die_with_parent(parent: int) -> None:
-    "Have Linux SIGKILL this process as soon as its parent, process `parent`, dies (elsewhere: nothing)."
-    if sys.platform != "linux": return
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent: os._exit(1)  # the parent died before the request took hold
-
 # %% ../nbs/08_sweep.ipynb #64e23bd1
-def _init_worker(parent: int, slots, parallel: int, cores: int, gpus: list[str]) -> None:
-    die_with_parent(parent)
-    os.environ.update(worker_env(slots.get(), parallel, cores, gpus))
-
 @dataclass
 class LocalExecutor:
-    "The local executor: trials one by one in this process when `parallel` is 1, else on a pool of `parallel` processes."
-    warm: bool = True                                       # each process runs its trials in its warm kernel
+    "The local executor: trials one by one in this thread when `parallel` is 1, else in `parallel` slots (threads) at once."
+    warm: bool = True                                       # each slot runs its trials in its warm kernel
     max_trials_per_kernel: int = MAX_TRIALS_PER_KERNEL
     name = "local"
 
     def __call__(self, trials: Iterable[Trial], parallel: int = 1) -> Iterator[TrialResult]:
-        "Run `trials` (a list, or a lazy stream taken one at a time as workers free up), `parallel` at a time."
+        "Run `trials` (a list, or a lazy stream taken one at a time as slots free up), `parallel` at a time."
         run = functools.partial(run_trial, warm=self.warm, max_trials_per_kernel=self.max_trials_per_kernel)
         if parallel <= 1 or (isinstance(trials, Sized) and len(trials) <= 1):
             yield from map(run, trials)
             return
         if isinstance(trials, Sized): warm_caches(trials)  # a stream's driver prepares its data itself
-        # spawn, not fork: the parent holds MLflow's sqlite connections and maybe torch threads
-        ctx = mp.get_context("spawn")
-        slots = ctx.Queue()
-        for i in range(parallel): slots.put(i)
-        with cf.ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(os.getpid(), slots, parallel, cpu_count(), gpu_ids())) as pool:
-            trials, futs = iter(trials), {}
+        free, cores, gpus = queue.SimpleQueue(), cpu_count(), gpu_ids()
+        for i in range(parallel): free.put(i)
+        def in_slot(t: Trial) -> TrialResult:
+            i = free.get()
             try:
-                while True:
-                    while len(futs) < parallel and (t := next(trials, None)) is not None: futs[pool.submit(run, t)] = t
-                    if not futs: return
-                    done, _ = cf.wait(futs, return_when=cf.FIRST_COMPLETED)
-                    for f in done:
-                        t = futs.pop(f)
-                        try: yield f.result()
-                        except Exception as e:  # the worker died or run_trial itself broke: report, carry on
-                            yield TrialResult.of(t, status="FAILED", error=f"{type(e).__name__}: {e}")
-            except BaseException:
-                for f in futs: f.cancel()
-                raise
+                with kernel_slot(i, {**os.environ, **worker_env(i, parallel, cores, gpus)}): return run(t)
+            finally: free.put(i)
+        pool, trials, futs = cf.ThreadPoolExecutor(parallel, thread_name_prefix="echoes-trial"), iter(trials), {}
+        try:
+            while True:
+                while len(futs) < parallel and (t := next(trials, None)) is not None: futs[pool.submit(in_slot, t)] = t
+                if not futs: return
+                done, _ = cf.wait(futs, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    t = futs.pop(f)
+                    try: yield f.result()
+                    except Exception as e:  # run_trial itself broke (its store unreachable, say): report, carry on
+                        yield TrialResult.of(t, status="FAILED", error=f"{type(e).__name__}: {e}")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on an interrupt, the running trials' kernels see it too
+
+    def close(self) -> None:
+        "Stop the warm kernels of the pool's slots."
+        for s in [s for s in _kernels if isinstance(s, int)]: _kernels.pop(s).shutdown(now=True)
 
 # %% ../nbs/08_sweep.ipynb #9037b096
 def _finished(info: dict, trials: list[Trial]) -> dict[str, TrialResult]:
@@ -750,7 +783,7 @@ def run_sweep(sweep: Sweep | str | Path | dict, parallel: int | None = None, tra
     "Run every trial of a sweep not yet FINISHED on `executor` (default `LocalExecutor`); return a JSON-able summary."
     from tqdm.auto import tqdm
     t0, log, sw = time.time(), get_logger("echoes.sweep"), load_sweep(sweep)
-    executor = executor or LocalExecutor()
+    own, executor = executor is None, executor or LocalExecutor()
     name = getattr(executor, "name", getattr(executor, "__name__", "custom"))
     parallel = int(parallel or sw.parallel or 1)
     if parallel < 1: raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -775,6 +808,7 @@ def run_sweep(sweep: Sweep | str | Path | dict, parallel: int | None = None, tra
         bar.close()
         summary = sweep_summary(info, trials, results, name, parallel, time.time() - t0)
         finish_parent(info, summary, status)
+        if own: executor.close()
     return summary
 
 # %% ../nbs/08_sweep.ipynb #54144b5c

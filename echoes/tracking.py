@@ -194,6 +194,7 @@ class Run:
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
         self.client, self.log = client(self.tracking_uri), get_logger("echoes.tracking")
         self.tb = self._handler = self._old_sigterm = None; self.resumed = self.finished = False
+        self.images = {}  # name -> PNG of each figure logged, for a report to show without drawing it again
         self._lock = contextlib.ExitStack()
         try: self._open()
         except BaseException: self._lock.close(); raise
@@ -339,7 +340,7 @@ def log_dict(self: Run, obj, name: str, artifact_path: str | None = None) -> Non
 def log_figure(self: Run, fig, name: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / name; fig.savefig(p, dpi=110, bbox_inches="tight")
-        self.client.log_artifact(self.id, str(p))
+        self.client.log_artifact(self.id, str(p)); self.images[name] = p.read_bytes()
 
 # %% ../nbs/06_tracking.ipynb #1e9d6258
 @patch

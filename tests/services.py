@@ -111,6 +111,30 @@ def _alive(p) -> bool:
         return False
 
 
+def sigkill_when(cmd: list[str], env: dict, log: Path, ready, timeout: float = 300, grace: float = 5) -> dict:
+    """Start `cmd` in a session of its own and SIGKILL it as soon as `ready()` holds. Returns the notebook kernels
+    that ran below it at the kill and what of its descendants outlived it by `grace` s; the survivors are killed."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        t0 = time.time()
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < timeout, f"{cmd[:2]}: not ready to be killed in {timeout:g} s"
+            seen.update({p.pid: p for p in descendants(proc.pid)})
+            time.sleep(0.3)
+        seen.update({p.pid: p for p in descendants(proc.pid)})
+        kernels = [p.pid for p in seen.values() if _alive(p) and "ipykernel" in " ".join(p.cmdline())]
+        os.kill(proc.pid, signal.SIGKILL); proc.wait()
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(p) for p in seen.values()): time.sleep(0.1)
+        return {"kernels": kernels, "survivors": [p.pid for p in seen.values() if _alive(p)]}
+    finally:
+        for p in seen.values():  # only what this call started; nothing when none outlived the kill
+            if _alive(p): p.kill()
+
+
 class Service:
     "A process started in its own group, with a log file; a context manager that stops it on exit."
     name = "service"

@@ -2,15 +2,12 @@
 killed with SIGKILL leaves no worker or kernel behind, and its re-run records every trial once, all FINISHED."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-from services import descendants
+from services import sigkill_when
 
 from echoes.cli import main
 from echoes.core import ConfigError
@@ -69,11 +66,6 @@ def test_sweep_name_never_leaves_runs(tmp_path):
 
 
 # ------------------------------------------------------------------------------- fault: SIGKILL of the parent
-def _alive(p: psutil.Process) -> bool:
-    try: return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return False
-
-
 def _trial_runs(uri: str):
     "The sweep's child runs (those with a trial key), or [] while the store is not there yet."
     try:
@@ -94,30 +86,12 @@ def test_sigkill_of_parallel_sweep_then_rerun(tmp_path):
     cmd = [str(BIN / "echoes"), "sweep", str(sweep), "--parallel", "2", "--tracking-uri", uri, "--json"]
     # the store is made here first: a process creating a new SQLite store races a second one opening it
     client(uri).search_experiments()
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    seen: dict[int, psutil.Process] = {}
-    try:
-        t0 = time.time()
-        while sum(r.info.status == "FINISHED" for r in _trial_runs(uri)) < 2:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() - t0 < 300, "no trial finished in 5 minutes"
-            seen.update({p.pid: p for p in descendants(proc.pid)})
-            time.sleep(0.5)
-        seen.update({p.pid: p for p in descendants(proc.pid)})
-        kernels = [p for p in seen.values() if _alive(p) and "ipykernel" in " ".join(p.cmdline())]
-        assert kernels, "a trial's kernel was running when the parent was killed"
-        os.kill(proc.pid, signal.SIGKILL); proc.wait()
-        deadline = time.time() + 5
-        while time.time() < deadline and [p for p in seen.values() if _alive(p)]: time.sleep(0.1)
-        survivors = [(p.pid, p.cmdline()[:3]) for p in seen.values() if _alive(p)]
-        assert not survivors, f"outlived the killed sweep: {survivors}"
-        left = _trial_runs(uri)
-        assert 2 <= sum(r.info.status == "FINISHED" for r in left) < 6
-    finally:
-        log.close()
-        for p in seen.values():  # only what this test started; nothing if the assertion above held
-            if _alive(p): p.kill()
+    killed = sigkill_when(cmd, env, tmp_path / "first.log",
+                          lambda: sum(r.info.status == "FINISHED" for r in _trial_runs(uri)) >= 2)
+    assert killed["kernels"], "a trial's kernel was running when the parent was killed"
+    assert not killed["survivors"], f"outlived the killed sweep: {killed['survivors']}"
+    left = _trial_runs(uri)
+    assert 2 <= sum(r.info.status == "FINISHED" for r in left) < 6
 
     finished_before = {r.data.tags["echoes.trial_key"]: r.info.run_id for r in left if r.info.status == "FINISHED"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

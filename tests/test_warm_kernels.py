@@ -1,8 +1,10 @@
 """Warm kernels: a trial run in a kernel that served another sees what a new kernel sees (nothing the first one
 left: names, seeds, threads, MLflow run, environment, working directory, loggers, options); a trial that fails or
-kills its kernel is followed by one in a new kernel; a kernel serves several trials, in this process and in each
-pool worker, and goes when its worker does. Real papermill, real kernels, real MLflow (SQLite)."""
+kills its kernel is followed by one in a new kernel; a kernel serves several trials, in this process and in
+each pool slot across calls of its executor, and goes when the executor closes.
+Real papermill, real kernels, real MLflow (SQLite)."""
 import json
+import os
 import random
 
 import nbformat
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from echoes.core import kernel_config
-from echoes.sweep import LocalExecutor, _fits, current_kernel, discard_kernel, plan, settle_kernel, warm_kernel
+from echoes.sweep import (LocalExecutor, _fits, cpu_count, current_kernel, discard_kernel, plan, settle_kernel,
+                          warm_kernel)
 from echoes.tracking import client
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -160,14 +163,19 @@ def test_failed_and_dead_kernels_are_replaced(tmp_path, fresh_kernels):
     assert not any(psutil.pid_exists(p) for p in pid[:5])
 
 
-@pytest.mark.slow  # a pool of two workers, each starting a kernel
-def test_pool_workers_keep_and_close_their_kernels(tmp_path):
+@pytest.mark.slow  # a pool of two slots, each starting a kernel
+def test_pool_slots_keep_their_kernels_until_closed(tmp_path):
     uri, trials = standin_trials(tmp_path, "pool", [0, 1, 3, 5])
-    results = list(LocalExecutor()(trials, parallel=2))
+    ex = LocalExecutor()
+    results = list(ex(trials[:2], parallel=2)) + list(ex(trials[2:], parallel=2))  # a search, then its final runs
     assert {r.status for r in results} == {"FINISHED"}, results
     c = client(uri)
-    pids = {int(c.get_run(r.run_id).data.tags["pid"]) for r in results}
-    assert len(pids) < len(results), f"a worker runs its trials in one kernel: {pids}"
-    assert current_kernel() is None or current_kernel().pid not in pids, "the workers' kernels, not this process's"
-    left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not left, "a worker's kernel outlived the pool"
+    pids = [int(c.get_run(r.run_id).data.tags["pid"]) for r in results]
+    assert len(set(pids)) == 2 and set(pids[:2]) == set(pids[2:]), f"each slot runs its trials in one kernel: {pids}"
+    assert current_kernel() is None or current_kernel().pid not in pids, "the slots' kernels, not this thread's"
+    assert all(psutil.Process(p).ppid() == os.getpid() for p in set(pids)), "a slot's kernel is a child of this process"
+    share = str(max(1, cpu_count() // 2))
+    assert {psutil.Process(p).environ()["OMP_NUM_THREADS"] for p in pids} == {share}, "each slot its share of the cores"
+    ex.close()
+    assert not psutil.wait_procs([psutil.Process(p) for p in set(pids) if psutil.pid_exists(p)], timeout=10)[1], \
+        "a slot's kernel outlived close()"
