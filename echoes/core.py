@@ -196,20 +196,24 @@ class Rows:
     def __repr__(self): return f"Rows({len(self)} rows of {self.path}, shape={self.shape}, dtype={self.dtype})"
 
 # %% ../nbs/00_core.ipynb #b184557e
+_preadv = getattr(os, "preadv", None)  # not on every platform: then seek + readinto
+
 @patch
 def read(self: Rows, idx=None, steps: int | None = None) -> np.ndarray:
     "Rows `idx` (positions in this view, in their order; None: all) as an array, cut to the first `steps` steps."
     pos = self.idx if idx is None else self.idx[np.asarray(idx, dtype=np.int64).reshape(-1)]
-    out = np.empty((len(pos), *self.row_shape), self.dtype)
     order = np.argsort(pos, kind="stable")  # file order: each run of consecutive rows is one sequential read
-    runs = np.split(order, np.flatnonzero(np.diff(pos[order]) != 1) + 1) if len(pos) else []
+    inorder = bool((order == np.arange(len(pos))).all())
+    buf = np.empty((len(pos), *self.row_shape), self.dtype); flat = buf.view(np.uint8).reshape(len(pos), self.row_bytes)
+    sp = pos[order]
+    starts = np.flatnonzero(np.diff(sp, prepend=-2) != 1).tolist()
     with open(self.path, "rb", buffering=0) as f:
-        for run in runs:
-            f.seek(self.offset + int(pos[run[0]]) * self.row_bytes)
-            dests = [out[run[0]:run[-1] + 1]] if (np.diff(run) == 1).all() else [out[j:j + 1] for j in run]
-            for d in dests:
-                if f.readinto(d.reshape(-1).view(np.uint8)) != d.nbytes:
-                    raise OSError(f"{self.path}: ends before row {int(pos[run[-1]])} (truncated?)")
+        for a, b in zip(starts, [*starts[1:], len(sp)]):
+            at = self.offset + int(sp[a]) * self.row_bytes
+            if _preadv: got = _preadv(f.fileno(), [flat[a:b]], at)  # one call: no seek
+            else: f.seek(at); got = f.readinto(flat[a:b])
+            if got != (b - a) * self.row_bytes: raise OSError(f"{self.path}: ends before row {int(sp[b - 1])} (truncated?)")
+    out = buf if inorder else buf[np.argsort(order)]
     return out if steps is None else out[:, :steps]
 
 @patch

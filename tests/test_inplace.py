@@ -52,6 +52,8 @@ def test_split_is_a_row_index_not_a_copy(tmp_path):
     sub = s.subset(np.array([5, 0, 17]))
     assert isinstance(sub.X, Rows); np.testing.assert_array_equal(np.asarray(sub.X), ref[[5, 0, 17]])
     assert isinstance(SeqData(X, np.zeros(4000), np.full(4000, 8)).X, Rows)  # a whole cache too
+    np.save(tmp_path / "v.npy", np.arange(10.0))  # rows that are scalars
+    np.testing.assert_array_equal(Rows(np.load(tmp_path / "v.npy", mmap_mode="r"), [7, 2, 3]).read(), [7.0, 2.0, 3.0])
 
 
 def test_in_memory_arrays_still_work():
