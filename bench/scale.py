@@ -25,6 +25,7 @@ Usage: python bench/scale.py [--clips 1000] [--seconds 3 11] [--root DIR] [--enc
        [--size 112] [--device auto] [--baseline-clips 256] [--repeats 3] [--keep DIR] [--json | --markdown]
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -185,7 +186,6 @@ def stage_encode(a, root: Path) -> dict:
 
 
 def stage_cache(a, root: Path) -> dict:
-    import contextlib
     import io
 
     from echoes.cli import main
@@ -202,8 +202,9 @@ def stage_cache(a, root: Path) -> dict:
 
 
 def _splits(a, root: Path):
-    from echoes.data import load
-    return load("ucf101", root, frames=a.frames, frame_size=a.size, encoder=a.encoder, device=a.device, progress=False)
+    from echoes.data import layout_of, load
+    return load(layout_of(root), root, frames=a.frames, frame_size=a.size, encoder=a.encoder, device=a.device,
+                progress=False)
 
 
 def _fit(a, root: Path, model: str, **kw) -> dict:
@@ -226,6 +227,8 @@ def _eval(a, root: Path, model: str) -> dict:
     import torch
 
     from echoes.train import evaluate
+    if not (a.work / f"{model}.pt").exists():
+        raise FileNotFoundError(f"{a.work / model}.pt: no fitted {model}; run its fit stage first (same --keep folder)")
     s = _splits(a, root)
     m = torch.load(a.work / f"{model}.pt", weights_only=False)
     t0 = time.perf_counter()
@@ -256,8 +259,11 @@ def dataset(a, work: Path) -> Path:
     classes = a.classes or max(1, min(101, a.clips // 4))  # >= 4 clips a class: groups for train, test and val
     per = max(4, round(a.clips / classes))
     lo, hi = (a.seconds * 2)[:2]
-    t0 = time.perf_counter()
-    root = synth_ucf101(work / "ucf", classes=classes, clips_per_class=per, seconds=(lo, hi))
+    root, t0 = work / "ucf", time.perf_counter()
+    with contextlib.suppress(OSError, ValueError, KeyError):  # a kept folder's dataset, when it is the one asked for
+        m = json.loads((root / "synthetic.json").read_text())
+        if (m["classes"], m["clips_per_class"], m["seconds"]) == (classes, per, [lo, hi]): return root
+    synth_ucf101(root, classes=classes, clips_per_class=per, seconds=(lo, hi))
     print(f"generated {classes} x {per} clips of {lo:g}-{hi:g} s at 320x240 in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     return root
@@ -282,12 +288,12 @@ def finish(rows: list[dict], n: int) -> list[dict]:
     by = {r["stage"]: r for r in rows}
     for r in rows:
         r["clips_per_s"] = r["clips"] / r["wall_s"]; r["frames_per_s"] = r["frames"] / r["wall_s"]
-        per_clip = r["wall_s"] / r["clips"] if r["stage"] in ("raw_pyav", "resnet18") else r["wall_s"] / n
+        per_clip = r["wall_s"] / max(1, r["clips"]) if r["stage"] in ("raw_pyav", "resnet18") else r["wall_s"] / n
         r["ucf101_s"] = per_clip * UCF101_CLIPS
         base = [by[b] for b in BASELINE.get(r["stage"], ()) if b in by]
         if base and len(base) == len(BASELINE[r["stage"]]):
             r["baseline"] = " + ".join(b["stage"] for b in base)
-            r["ratio"] = (sum(b["wall_s"] / b["clips"] for b in base)) / (r["wall_s"] / r["clips"])
+            r["ratio"] = sum(b["wall_s"] / max(1, b["clips"]) for b in base) / (r["wall_s"] / max(1, r["clips"]))
     return rows
 
 
@@ -323,6 +329,8 @@ def main(argv=None):
     try:
         root = dataset(a, work)
         (work / "root.txt").write_text(str(root))
+        for stage, runs in (("decode", "runs"), ("cache", "runs-cli")):  # a kept folder's caches: timed as new
+            if stage in a.stages: shutil.rmtree(work / runs, ignore_errors=True)
         rows = []
         for name in (s for s in STAGES if s in a.stages):
             rows.append(run_stage(a, name, work))
