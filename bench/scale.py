@@ -202,7 +202,11 @@ def stage_cache(a, root: Path) -> dict:
 
 
 def _splits(a, root: Path):
+    "The splits through `load`, which finds the caches the decode and encode stages built (else builds them)."
     from echoes.data import layout_of, load
+    feats = Path(os.environ["ECHOES_RUNS"]) / "cache" / "features"
+    if not any(feats.glob("*/meta.json")):
+        NOTES.append("built the caches itself (no decode/encode stage ran here): its peak RSS includes encoding")
     return load(layout_of(root), root, frames=a.frames, frame_size=a.size, encoder=a.encoder, device=a.device,
                 progress=False)
 
@@ -243,12 +247,15 @@ STAGE_FNS = {"raw_pyav": stage_raw_pyav, "resnet18": stage_resnet18, "decode": s
              "eval_gru": lambda a, r: _eval(a, r, "gru")}
 
 
+NOTES: list[str] = []  # what a reader of a stage's row must know
+
+
 def child(a) -> None:
     "Run stage `a.stage` and print its measurements as the last line of stdout."
     os.environ.setdefault("ECHOES_RUNS", str(a.work / "runs"))
     root = Path((a.work / "root.txt").read_text())
     r = STAGE_FNS[a.stage](a, root)
-    print(json.dumps({"stage": a.stage, **r, "rss_mb": peak_rss_mb()}))
+    print(json.dumps({"stage": a.stage, **r, "rss_mb": peak_rss_mb(), **({"note": NOTES[0]} if NOTES else {})}))
 
 
 # ---------------------------------------------------------------- the parent: data, children, table
@@ -305,19 +312,21 @@ COLUMNS = ("stage", "clips", "wall s", "clips/s", "frames/s", "peak RSS MB", "@1
 
 
 def table(rows: list[dict], n: int, a, markdown: bool = False) -> str:
-    base = next((r["clips"] for r in rows if r["stage"] in ("raw_pyav", "resnet18")), "no")
+    base = next((r["clips"] for r in rows if r["stage"] in ("raw_pyav", "resnet18")), None)
     dev = next((f" ({r['device']})" for r in rows if "device" in r), "")
     head = (f"{n} clips, T={a.frames} at {a.size}x{a.size}, encoder {a.encoder}, device {a.device}{dev}, "
-            f"{os.cpu_count()} cpus; baselines on {base} of the same clips, medians of {a.repeats}")
+            f"{os.cpu_count()} cpus; " + (f"baselines on {base} of the same clips, medians of {a.repeats}"
+                                          if base else "no baselines"))
     cells = [[r["stage"], str(r["clips"]), f"{r['wall_s']:.1f}", f"{r['clips_per_s']:.1f}", f"{r['frames_per_s']:.0f}",
               f"{r['rss_mb']:.0f}", _hms(r["ucf101_s"]), f"{r['ratio']:.2f}x {r['baseline']}" if "ratio" in r else ""]
              for r in rows]
+    notes = [f"{r['stage']}: {r['note']}" for r in rows if "note" in r]
     if markdown:
         return "\n".join([head, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
-                          *("| " + " | ".join(c) + " |" for c in cells)])
+                          *("| " + " | ".join(c) + " |" for c in cells), *(["", *notes] if notes else [])])
     w = [max(len(x) for x in col) for col in zip(COLUMNS, *cells)]
     fmt = lambda c: "  ".join(x.ljust(k) if i in (0, 7) else x.rjust(k) for i, (x, k) in enumerate(zip(c, w))).rstrip()
-    return "\n".join([head, fmt(COLUMNS), *map(fmt, cells)])
+    return "\n".join([head, fmt(COLUMNS), *map(fmt, cells), *notes])
 
 
 def main(argv=None):
