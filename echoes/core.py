@@ -17,7 +17,7 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['ConfigError', 'project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb',
            'stable_hash', 'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir',
-           'kernel_config', 'get_logger', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params',
+           'kernel_config', 'get_logger', 'Rows', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params',
            'describe_summary', 'toy_sequences', 'DiskFull', 'disk_full', 'reserve_array', 'file_crc32',
            'array_manifest', 'check_arrays', 'verify_cache', 'checked_cache']
 
@@ -160,11 +160,80 @@ def get_logger(name: str = "echoes") -> logging.Logger:
         root.addHandler(h); root.setLevel(logging.INFO); root.propagate = False
     return root if name == "echoes" else root.getChild(name.removeprefix("echoes."))
 
+# %% ../nbs/00_core.ipynb #4270a6c0
+def _file_offset(X: np.memmap) -> int | None:
+    "Where `X[0]` lies in its file, when `X` is a read-only memmap whose rows are contiguous there; else None."
+    if not isinstance(X, np.memmap) or X.mode != "r" or not X.filename or X.ndim < 1 or not len(X): return None
+    row = X.dtype.itemsize * int(np.prod(X.shape[1:], dtype=np.int64))
+    if not X[0].flags.c_contiguous or (len(X) > 1 and X.strides[0] != row): return None
+    root = X
+    while isinstance(root.base, np.memmap): root = root.base
+    return X.offset + X.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+
+class Rows:
+    """The rows `idx` of a read-only `.npy` memmap `X`, read from its file only when indexed: a split of a cache
+    that holds no copy of it. Reads go through the file, not the mapping, so what was read leaves no pages in RSS."""
+    def __init__(self, X, idx=None):
+        if isinstance(X, Rows):
+            self.path, self.offset, self.dtype, self.row_shape, base = X.path, X.offset, X.dtype, X.row_shape, X.idx
+        else:
+            if (off := _file_offset(X)) is None: raise ValueError("Rows needs a read-only memmap with contiguous rows")
+            self.path, self.offset, self.dtype, self.row_shape, base = X.filename, off, X.dtype, X.shape[1:], None
+        n = len(X)
+        idx = np.arange(n) if idx is None else np.arange(n)[idx] if isinstance(idx, slice) else np.asarray(idx)
+        if idx.dtype == bool: idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n): raise IndexError(f"row index out of range for {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        self.idx = idx if base is None else base[idx]
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+
+    def __len__(self): return len(self.idx)
+    @property
+    def shape(self) -> tuple: return (len(self.idx), *self.row_shape)
+    @property
+    def ndim(self) -> int: return 1 + len(self.row_shape)
+    def __repr__(self): return f"Rows({len(self)} rows of {self.path}, shape={self.shape}, dtype={self.dtype})"
+
+# %% ../nbs/00_core.ipynb #b184557e
+_preadv = getattr(os, "preadv", None)  # not on every platform: then seek + readinto
+
+@patch
+def read(self: Rows, idx=None, steps: int | None = None) -> np.ndarray:
+    "Rows `idx` (positions in this view, in their order; None: all) as an array, cut to the first `steps` steps."
+    pos = self.idx if idx is None else self.idx[np.asarray(idx, dtype=np.int64).reshape(-1)]
+    order = np.argsort(pos, kind="stable")  # file order: each run of consecutive rows is one sequential read
+    inorder = bool((order == np.arange(len(pos))).all())
+    buf = np.empty((len(pos), *self.row_shape), self.dtype); flat = buf.view(np.uint8).reshape(len(pos), self.row_bytes)
+    sp = pos[order]
+    starts = np.flatnonzero(np.diff(sp, prepend=-2) != 1).tolist()
+    with open(self.path, "rb", buffering=0) as f:
+        for a, b in zip(starts, [*starts[1:], len(sp)]):
+            at = self.offset + int(sp[a]) * self.row_bytes
+            if _preadv: got = _preadv(f.fileno(), [flat[a:b]], at)  # one call: no seek
+            else: f.seek(at); got = f.readinto(flat[a:b])
+            if got != (b - a) * self.row_bytes: raise OSError(f"{self.path}: ends before row {int(sp[b - 1])} (truncated?)")
+    out = buf if inorder else buf[np.argsort(order)]
+    return out if steps is None else out[:, :steps]
+
+@patch
+def __getitem__(self: Rows, key):
+    "A slice or an index array of rows gives a `Rows` (no read); an int, or a tuple with more axes, reads."
+    rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+    if isinstance(rows, (int, np.integer)): return self.read([rows])[(0, *rest)]
+    sub = Rows(self, rows)
+    return sub.read()[(slice(None), *rest)] if rest else sub
+
+@patch
+def __array__(self: Rows, dtype=None, copy=None):
+    a = self.read()
+    return a if dtype is None else a.astype(dtype, copy=False)
+
 # %% ../nbs/00_core.ipynb #deb74c13
 @dataclass
 class SeqData:
     "Padded sequences `X` (N, T, D), labels `y` (N,), valid lengths (N,), class names and provenance `info`."
-    X: np.ndarray
+    X: np.ndarray | Rows
     y: np.ndarray
     lengths: np.ndarray
     classes: list[str] = field(default_factory=list)
@@ -172,6 +241,7 @@ class SeqData:
 
     def __post_init__(self):
         self.y = np.asarray(self.y, dtype=np.int64); self.lengths = np.asarray(self.lengths, dtype=np.int64)
+        if _file_offset(self.X) is not None: self.X = Rows(self.X)  # read in place, never paged in whole
         if self.X.ndim != 3: raise ValueError(f"X must have shape (N, T, D), got {self.X.shape}")
         n, t = self.X.shape[:2]
         if len(self.y) != n or len(self.lengths) != n:
@@ -199,7 +269,8 @@ def batches(self: SeqData, batch_size: int, shuffle: bool = False, generator: to
     for i in range(0, len(self), batch_size):
         idx = np.sort(order[i:i + batch_size]) if not shuffle else order[i:i + batch_size]
         lens = self.lengths[idx]
-        x = np.asarray(self.X[idx, :lens.max()], dtype=np.float32)
+        x = self.X.read(idx, int(lens.max())) if isinstance(self.X, Rows) else self.X[idx, :lens.max()]
+        x = np.asarray(x, dtype=np.float32)
         yield torch.from_numpy(x), torch.from_numpy(lens), torch.from_numpy(self.y[idx])
 
 # %% ../nbs/00_core.ipynb #9a62f7d4
@@ -311,11 +382,15 @@ def _npy_header(path: Path) -> tuple[tuple, np.dtype]:
         shape, _, dtype = (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(f)
     return shape, dtype
 
-def _nonfinite(path: Path, rows: int = 4096) -> int:
-    "How many NaN or infinite values the float array in `path` holds (read in slices of `rows`)."
+def _nonfinite(path: Path, rows: int | None = None) -> int:
+    "How many NaN or infinite values the float array in `path` holds (read in slices of `rows`, None: ~16 MB)."
     a = np.load(path, mmap_mode="r")
     if a.size == 0: return 0
-    return sum(int(a[i:i + rows].size - np.isfinite(a[i:i + rows]).sum()) for i in range(0, len(a), rows))
+    if _file_offset(a) is None: a = np.asarray(a).reshape(-1)  # a 0-d or odd array: small
+    else: a = Rows(a)  # file reads: checking a cache must not page all of it into RSS
+    rows = rows or max(1, (16 << 20) // max(1, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))))
+    chunk = lambda i: a.read(np.arange(i, min(i + rows, len(a)))) if isinstance(a, Rows) else a[i:i + rows]
+    return sum(int(c.size - np.isfinite(c).sum()) for c in map(chunk, range(0, len(a), rows)))
 
 # %% ../nbs/00_core.ipynb #a23cafcd
 def array_manifest(folder: Path | str, names: list[str], finite: tuple[str, ...] = ()) -> dict:

@@ -763,10 +763,12 @@ DATASETS = {
 }
 
 # %% ../nbs/01_data.ipynb #37927e0f
-def _rows(X, idx) -> np.ndarray:
+from .core import Rows, _file_offset
+
+def _rows(X, idx) -> np.ndarray | Rows:
     idx = np.asarray(idx, dtype=np.int64)
-    if len(idx) and len(idx) == len(X) and (idx == np.arange(len(X))).all(): return X
-    if len(idx) and (np.diff(idx) == 1).all(): return X[idx[0]:idx[-1] + 1]  # a contiguous memmap view
+    if isinstance(X, Rows) or _file_offset(X) is not None: return Rows(X, idx)
+    if len(idx) == len(X) and (idx == np.arange(len(X))).all(): return X
     return np.asarray(X[idx])
 
 def _seq(X, y, lengths, idx, classes, info) -> SeqData:
