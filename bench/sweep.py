@@ -124,7 +124,7 @@ def main(argv=None):
     if not a.json:
         n, w = out["trials"], a.parallel
         print(f"{n} trials ({' '.join(a.models)} x {a.seeds} seeds, {a.epochs} epochs) on the built-in dataset, "
-              f"{w} workers on {out['cores']} cores; medians of {a.repeat} rounds")
+              f"{w} slots on {out['cores']} cores; medians of {a.repeat} rounds")
         print(f"{'':<26}{'wall':>9}{'sum compute':>13}{'overhead/trial':>16}{'in a trial':>12}{'wall / compute':>16}")
         print(f"{'in-process (baseline)':<26}{out['compute_s']:>8.1f}s{out['compute_s']:>12.1f}s{0:>15.2f}s{0:>11.2f}s"
               f"{1:>15.2f}x")
@@ -140,7 +140,7 @@ def main(argv=None):
                   f"calls); in-process it computes in {out['compute_per_trial_s']:.2f} s; the slowest trial took "
                   f"{out[m]['first_trial_s']:.1f} s")
             print("   slowest cells: " + "; ".join(f"{x['s']:.2f} s {x['cell']!r}" for x in c["slowest_cells"]))
-        print(f"per-trial overhead = (wall x {w} workers - sum compute) / {n}; target <= 1.5 s with warm kernels"
+        print(f"per-trial overhead = (wall x {w} slots - sum compute) / {n}; target <= 1.5 s with warm kernels"
               + (f"; warm vs cold {out['cold']['overhead_per_trial_s'] / out['warm']['overhead_per_trial_s']:.1f}x less"
                  if "cold" in out else ""))
     print(json.dumps(out))
