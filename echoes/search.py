@@ -13,8 +13,8 @@ from .models import ACCEPTS, check_hparam
 from .train import TrainConfig, check_value, config_fields
 from .tracking import client as _client
 from fastcore.basics import patch
-from .sweep import (Executor, LocalExecutor, Sweep, Trial, TrialResult, child_runs, finish_parent, load_sweep, place,
-                    read_sweep, run_metrics, run_sweep, start_parent, sweep_summary, warm_caches)
+from .sweep import (Executor, LocalExecutor, Sweep, Trial, TrialResult, child_runs, default_notebook, finish_parent,
+                          load_sweep, place, read_sweep, run_metrics, run_sweep, start_parent, sweep_summary, warm_caches)
 
 # %% auto #0
 __all__ = ['KINDS', 'DEFAULT_SPACES', 'SEARCH_KEYS', 'SELECT', 'RETRIES', 'parse_dist', 'searchable', 'model_space', 'Budget',
@@ -382,6 +382,8 @@ def run_search(ss: SearchSweep | str | Path | dict, parallel: int | None = None,
     own, executor = executor is None, executor or LocalExecutor()
     name, parallel = getattr(executor, "name", "custom"), int(parallel or ss.sweep.parallel or 1)
     if parallel < 1: raise ValueError(f"parallel must be >= 1, got {parallel}")
+    if isinstance(executor, LocalExecutor):
+        executor.prestart(ss.sweep.notebook or default_notebook(), parallel)  # while the studies and caches get ready
     sr = SearchRun(ss, tracking_uri)
     if isinstance(executor, LocalExecutor) and parallel > 1: warm_caches(ss.sweep.trials)
     budgets = [b.trials for b in ss.budgets.values()]

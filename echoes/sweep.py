@@ -722,6 +722,20 @@ class LocalExecutor:
     warm: bool = True                                       # each slot runs its trials in its warm kernel
     max_trials_per_kernel: int = MAX_TRIALS_PER_KERNEL
     name = "local"
+    _starting: dict = field(default_factory=dict, repr=False, compare=False)  # slot -> thread starting its kernel
+
+    @staticmethod
+    def _env(slot: int, parallel: int) -> dict: return {**os.environ, **worker_env(slot, parallel)}
+
+    def prestart(self, notebook: str | Path, parallel: int) -> None:
+        "Start the slots' warm kernels for `notebook` in the background, while the caller prepares its trials."
+        if not self.warm or parallel <= 1: return
+        def start(i: int):
+            with kernel_slot(i, self._env(i, parallel)), contextlib.suppress(Exception):  # a trial will say why
+                warm_kernel(notebook_kernel(notebook), Path(notebook).parent, self.max_trials_per_kernel)
+        for i in range(parallel):
+            if i not in self._starting:
+                self._starting[i] = threading.Thread(target=start, args=(i,)); self._starting[i].start()
 
     def __call__(self, trials: Iterable[Trial], parallel: int = 1) -> Iterator[TrialResult]:
         "Run `trials` (a list, or a lazy stream taken one at a time as slots free up), `parallel` at a time."
@@ -730,12 +744,13 @@ class LocalExecutor:
             yield from map(run, trials)
             return
         if isinstance(trials, Sized): warm_caches(trials)  # a stream's driver prepares its data itself
-        free, cores, gpus = queue.SimpleQueue(), cpu_count(), gpu_ids()
+        free = queue.SimpleQueue()
         for i in range(parallel): free.put(i)
         def in_slot(t: Trial) -> TrialResult:
             i = free.get()
+            if (th := self._starting.pop(i, None)) is not None: th.join()  # its kernel, started ahead
             try:
-                with kernel_slot(i, {**os.environ, **worker_env(i, parallel, cores, gpus)}): return run(t)
+                with kernel_slot(i, self._env(i, parallel)): return run(t)
             finally: free.put(i)
         pool, trials, futs = cf.ThreadPoolExecutor(parallel, thread_name_prefix="echoes-trial"), iter(trials), {}
         try:
@@ -753,6 +768,8 @@ class LocalExecutor:
 
     def close(self) -> None:
         "Stop the warm kernels of the pool's slots."
+        for th in self._starting.values(): th.join()
+        self._starting.clear()
         for s in [s for s in _kernels if isinstance(s, int)]: _kernels.pop(s).shutdown(now=True)
 
 # %% ../nbs/08_sweep.ipynb #9037b096
@@ -789,6 +806,7 @@ def run_sweep(sweep: Sweep | str | Path | dict, parallel: int | None = None, tra
     if parallel < 1: raise ValueError(f"parallel must be >= 1, got {parallel}")
     if parallel > cpu_count():
         log.warning(f"parallel={parallel} exceeds the {cpu_count()} cores here: each trial gets 1 thread, and they contend")
+    if isinstance(executor, LocalExecutor): executor.prestart(sw.notebook or default_notebook(), parallel)  # while we plan
     info, trials = plan(sw, tracking_uri)
     results = _finished(info, trials)
     todo = [t for t in trials if t.key not in results]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from echoes.core import kernel_config
-from echoes.sweep import (LocalExecutor, _fits, cpu_count, current_kernel, discard_kernel, plan, settle_kernel,
-                          warm_kernel)
+from echoes.sweep import (LocalExecutor, _fits, _kernels, cpu_count, current_kernel, discard_kernel, plan,
+                          settle_kernel, warm_kernel)
 from echoes.tracking import client
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -167,11 +167,15 @@ def test_failed_and_dead_kernels_are_replaced(tmp_path, fresh_kernels):
 def test_pool_slots_keep_their_kernels_until_closed(tmp_path):
     uri, trials = standin_trials(tmp_path, "pool", [0, 1, 3, 5])
     ex = LocalExecutor()
+    ex.prestart(trials[0].notebook, 2)  # as run_sweep does while it plans
+    for th in list(ex._starting.values()): th.join()
+    started = {_kernels[0].pid, _kernels[1].pid}
     results = list(ex(trials[:2], parallel=2)) + list(ex(trials[2:], parallel=2))  # a search, then its final runs
     assert {r.status for r in results} == {"FINISHED"}, results
     c = client(uri)
     pids = [int(c.get_run(r.run_id).data.tags["pid"]) for r in results]
     assert len(set(pids)) == 2 and set(pids[:2]) == set(pids[2:]), f"each slot runs its trials in one kernel: {pids}"
+    assert set(pids) == started, "the trials ran in the kernels started ahead"
     assert current_kernel() is None or current_kernel().pid not in pids, "the slots' kernels, not this thread's"
     assert all(psutil.Process(p).ppid() == os.getpid() for p in set(pids)), "a slot's kernel is a child of this process"
     share = str(max(1, cpu_count() // 2))
