@@ -386,6 +386,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'echoes.features._FeatureWriter': ('features.html#_featurewriter', 'echoes/features.py'),
                                  'echoes.features._FeatureWriter.__init__': ('features.html#_featurewriter.__init__', 'echoes/features.py'),
                                  'echoes.features._FeatureWriter.add': ('features.html#_featurewriter.add', 'echoes/features.py'),
+                                 'echoes.features._FeatureWriter.array': ('features.html#_featurewriter.array', 'echoes/features.py'),
                                  'echoes.features._FeatureWriter.checkpoint': ( 'features.html#_featurewriter.checkpoint',
                                                                                 'echoes/features.py'),
                                  'echoes.features._FeatureWriter.encode': ('features.html#_featurewriter.encode', 'echoes/features.py'),

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import (Timer, array_manifest, atomic_path, checked_cache, get_device, get_logger, read_rows,
-                         reserve_array, runs_dir, save_npy, stable_hash, sync_file, write_rows)
+from .core import (Timer, array_manifest, atomic_path, checked_cache, disk_full, get_device, get_logger,
+                         read_rows, reserve_array, runs_dir, save_npy, stable_hash, sync_file, write_rows)
 from fastcore.basics import patch
 
 log = get_logger("echoes.features")
@@ -156,7 +156,7 @@ class _FeatureWriter:
         N, T = shape[:2]; self.path, self.T = path, T
         self.dev = get_device(device); self.enc = enc.to(self.dev).eval()
         self.batch_clips = max(1, batch_frames // T)
-        params = {"key": key, "shape": [N, T, enc.out_dim(shape[2])]}
+        params = {"key": key, "shape": [N, T, enc.out_dim(shape[2])]}; self.shape = params["shape"]
         try:
             if json.loads((path / "params.json").read_text()) != params: raise ValueError("other parameters")
             self.feats, self.done = np.load(path / "features.npy", mmap_mode="r+"), np.load(path / "encoded.npy")
@@ -165,14 +165,22 @@ class _FeatureWriter:
         except Exception:  # noqa: BLE001 -- nothing there yet, or anything odd: start over
             shutil.rmtree(path, ignore_errors=True); path.mkdir(parents=True)
             (path / "params.json").write_text(json.dumps(params))
-            self.feats, self.done = reserve_array(path / "features.npy", np.float16, params["shape"]), np.zeros(N, bool)
+            self.feats, self.done = None, np.zeros(N, bool)
         self.pending, self.streamed, self.clips, self.compute_s, self.t0 = [], 0, 0, 0.0, time.perf_counter()
 
     def add(self, i: int, clip: np.ndarray) -> None:
         "Take clip `i` as it is decoded: a full batch is encoded at once."
         if self.done[i]: return
+        self.array()
         self.pending.append((i, clip)); self.streamed += 1
         if len(self.pending) >= self.batch_clips: self.flush()
+
+    def array(self) -> np.memmap:
+        "`features.npy`, its disk space reserved on first use: in a one-pass build, after the clip cache's."
+        if self.feats is None:
+            with disk_full("encoding the feature cache", self.path):  # named so, even inside the clip cache's build
+                self.feats = reserve_array(self.path / "features.npy", np.float16, self.shape)
+        return self.feats
 
     def flush(self) -> None:
         if self.pending: self.encode([i for i, _ in self.pending], np.stack([c for _, c in self.pending]))
@@ -182,18 +190,19 @@ class _FeatureWriter:
         "Encode the clips `x` into rows `idx`, timing the encoder."
         with Timer(self.dev) as t: f = encode(x, self.enc, self.dev, len(x) * self.T)
         self.compute_s += t.s; self.clips += len(x)
-        for k, i in enumerate(idx): write_rows(self.feats, int(i), f[k:k + 1])
+        for k, i in enumerate(idx): write_rows(self.array(), int(i), f[k:k + 1])
         self.done[np.asarray(idx, np.int64)] = True
 
     def checkpoint(self) -> None:
         "Flush the rows written, then commit them by rewriting `encoded.npy`."
-        sync_file(self.feats.filename); save_npy(self.path / "encoded.npy", self.done)
+        if self.feats is not None: sync_file(self.feats.filename)
+        save_npy(self.path / "encoded.npy", self.done)
 
 # %% ../nbs/02_features.ipynb #6be3fa7a
 @patch
 def finish(self: _FeatureWriter, clips) -> dict:
     "Encode the rows of good clips (`clips.ok`) not yet encoded, read from `clips.clips` in batches; the encoder's rates."
-    self.flush()
+    self.flush(); self.array()
     todo = np.flatnonzero(np.asarray(clips.ok) & ~self.done)
     runs = lambda ix: np.split(ix, np.flatnonzero(np.diff(ix) != 1) + 1)  # noqa: E731
     for a in range(0, len(todo), self.batch_clips):
