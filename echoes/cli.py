@@ -129,8 +129,18 @@ def _add_index(d) -> None:
 
 def _cmd_data_cache(a) -> int:
     from echoes.data import build_cache
-    _emit(build_cache(a.root, fold=a.fold, frames=a.frames, size=a.size, encoder=a.encoder, dataset=a.dataset), a.json)
+    _emit(build_cache(a.root, fold=a.fold, frames=a.frames, size=a.size, encoder=a.encoder, dataset=a.dataset,
+                      device=a.device, num_workers=a.workers, batch_frames=a.batch_frames), a.json, _cache_summary)
     return 0
+
+def _cache_summary(r: dict) -> str:
+    from echoes.features import _rates_line
+    out = [f"{r['clips']} of {r['listed']} clips cached ({len(r['skipped'])} skipped); features {r['feature_shape']} "
+           f"({r['encoder']})", f"clip cache:    {r['clip_cache']}", f"feature cache: {r['feature_cache']}"]
+    if enc := r.get("encode"):  # None for a feature cache built before the encoder's rates were recorded
+        how = "in one pass with decoding" if enc["streamed"] else "from the finished clip cache"
+        out.append(f"encoding ({how}): {_rates_line(enc, r.get('decode'))}")
+    return "\n".join(out)
 
 def _add_cache(d) -> None:
     from echoes.data import LAYOUTS
@@ -138,7 +148,11 @@ def _add_cache(d) -> None:
     c.add_argument("--root", required=True, type=Path); c.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])
     c.add_argument("--frames", type=int, default=16); c.add_argument("--size", type=int, default=32)
     c.add_argument("--dataset", choices=list(LAYOUTS), default=None, help="the layout (default: told by its annotation files)")
-    c.add_argument("--encoder", default="pixels"); c.add_argument("--json", action="store_true")
+    c.add_argument("--encoder", default="pixels")
+    c.add_argument("--device", default="auto", help="where the encoder runs (default: %(default)s: CUDA when there is one)")
+    c.add_argument("--workers", type=int, default=None, help="decoding processes (default: by the job's size, up to 8)")
+    c.add_argument("--batch-frames", type=int, default=256, help="frames per encoder batch (default: %(default)s)")
+    c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_data_cache)
 
 # %% ../nbs/10_cli.ipynb #98f13e35

@@ -5,7 +5,7 @@ and `SeqData`, the one container every layer passes sequences in."""
 
 # %% ../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, errno, fcntl, hashlib, itertools, json, logging, os, random, re, resource, shutil, sys, tempfile, time
+import contextlib, errno, fcntl, hashlib, itertools, json, logging, math, os, random, re, resource, shutil, sys, tempfile, time
 import tomllib, zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +17,10 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['ConfigError', 'project_root', 'runs_dir', 'set_seed', 'get_device', 'Timer', 'reset_peak_memory', 'peak_memory_mb',
            'stable_hash', 'safe_name', 'fmt_value', 'file_sha256', 'atomic_path', 'file_lock', 'cached_dir',
-           'kernel_config', 'get_logger', 'Rows', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths', 'count_params',
-           'describe_summary', 'toy_sequences', 'DiskFull', 'disk_full', 'reserve_array', 'file_crc32',
-           'array_manifest', 'check_arrays', 'verify_cache', 'checked_cache']
+           'kernel_config', 'get_logger', 'Rows', 'pread_into', 'SeqData', 'as_seqdata', 'flatten', 'full_lengths',
+           'count_params', 'describe_summary', 'toy_sequences', 'DiskFull', 'disk_full', 'reserve_array', 'read_rows',
+           'write_rows', 'sync_file', 'save_npy', 'file_crc32', 'array_manifest', 'check_arrays', 'verify_cache',
+           'checked_cache']
 
 # %% ../nbs/00_core.ipynb #2ca1e5eb
 class ConfigError(ValueError):
@@ -196,7 +197,12 @@ class Rows:
     def __repr__(self): return f"Rows({len(self)} rows of {self.path}, shape={self.shape}, dtype={self.dtype})"
 
 # %% ../nbs/00_core.ipynb #b184557e
-_preadv = getattr(os, "preadv", None)  # not on every platform: then seek + readinto
+def pread_into(f, buf: memoryview, offset: int) -> None:
+    "Fill the bytes `buf` from the open file `f` at `offset` (`preadv`: no seek, no mapping); EOFError if it ends first."
+    got = 0
+    while got < len(buf):
+        if not (k := os.preadv(f.fileno(), [buf[got:]], offset + got)): raise EOFError(f"{f.name}: ends early (truncated?)")
+        got += k
 
 @patch
 def read(self: Rows, idx=None, steps: int | None = None) -> np.ndarray:
@@ -209,10 +215,7 @@ def read(self: Rows, idx=None, steps: int | None = None) -> np.ndarray:
     starts = np.flatnonzero(np.diff(sp, prepend=-2) != 1).tolist()
     with open(self.path, "rb", buffering=0) as f:
         for a, b in zip(starts, [*starts[1:], len(sp)]):
-            at = self.offset + int(sp[a]) * self.row_bytes
-            if _preadv: got = _preadv(f.fileno(), [flat[a:b]], at)  # one call: no seek
-            else: f.seek(at); got = f.readinto(flat[a:b])
-            if got != (b - a) * self.row_bytes: raise OSError(f"{self.path}: ends before row {int(sp[b - 1])} (truncated?)")
+            pread_into(f, memoryview(flat[a:b]).cast("B"), self.offset + int(sp[a]) * self.row_bytes)
     out = buf if inorder else buf[np.argsort(order)]
     return out if steps is None else out[:, :steps]
 
@@ -368,6 +371,38 @@ def reserve_array(path: Path | str, dtype, shape) -> np.memmap:
         raise
     return a
 
+# %% ../nbs/00_core.ipynb #cfa640b2
+def _row_span(a: np.memmap, start: int, stop: int) -> tuple[int, int]:
+    "(file offset, bytes) of rows start:stop of the memmap `a`."
+    row = a.itemsize * math.prod(a.shape[1:])
+    return a.offset + start * row, (stop - start) * row
+
+def read_rows(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    "A copy of rows start:stop of `a`; of a memmap, read with `pread`, so that none of its pages stay resident."
+    stop = min(stop, len(a))
+    if not isinstance(a, np.memmap) or a.filename is None: return np.array(a[start:stop])
+    out = np.empty((max(stop - start, 0), *a.shape[1:]), a.dtype)
+    with open(a.filename, "rb", buffering=0) as f:
+        pread_into(f, memoryview(out.reshape(-1).view(np.uint8)), _row_span(a, start, stop)[0])
+    return out
+
+def write_rows(a: np.memmap, start: int, rows: np.ndarray) -> None:
+    "Write `rows` into the memmap `a` from row `start` with `pwrite`: the pages never enter this process's memory."
+    buf = memoryview(np.ascontiguousarray(rows, a.dtype).reshape(-1).view(np.uint8))
+    off, n = _row_span(a, start, start + len(rows)); done = 0
+    with open(a.filename, "r+b", buffering=0) as f:
+        while done < n: done += os.pwrite(f.fileno(), buf[done:], off + done)
+
+def sync_file(path: Path | str) -> None:
+    "Flush what was written to `path` (by any process, through any handle or mapping) to the disk."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
+    finally: os.close(fd)
+
+def save_npy(path: Path | str, a: np.ndarray) -> None:
+    "Save `a` to `path` atomically (closed, then renamed over the old file)."
+    with atomic_path(path) as t, open(t, "wb") as f: np.save(f, a)
+
 # %% ../nbs/00_core.ipynb #9fcf9d13
 def file_crc32(path: Path | str, chunk: int = 8 << 20) -> str:
     "The CRC-32 of a file's bytes, as 8 hex digits."
@@ -386,11 +421,8 @@ def _nonfinite(path: Path, rows: int | None = None) -> int:
     "How many NaN or infinite values the float array in `path` holds (read in slices of `rows`, None: ~16 MB)."
     a = np.load(path, mmap_mode="r")
     if a.size == 0: return 0
-    if _file_offset(a) is None: a = np.asarray(a).reshape(-1)  # a 0-d or odd array: small
-    else: a = Rows(a)  # file reads: checking a cache must not page all of it into RSS
-    rows = rows or max(1, (16 << 20) // max(1, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))))
-    chunk = lambda i: a.read(np.arange(i, min(i + rows, len(a)))) if isinstance(a, Rows) else a[i:i + rows]
-    return sum(int(c.size - np.isfinite(c).sum()) for c in map(chunk, range(0, len(a), rows)))
+    rows = rows or max(1, (16 << 20) // max(1, a.itemsize * math.prod(a.shape[1:])))
+    return sum(int(b.size - np.isfinite(b).sum()) for b in (read_rows(a, i, i + rows) for i in range(0, len(a), rows)))
 
 # %% ../nbs/00_core.ipynb #a23cafcd
 def array_manifest(folder: Path | str, names: list[str], finite: tuple[str, ...] = ()) -> dict:

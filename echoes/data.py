@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .core import (SeqData, array_manifest, as_seqdata, atomic_path, cached_dir, checked_cache, disk_full,
-                         get_logger, reserve_array, runs_dir, stable_hash, verify_cache)
+                         get_logger, reserve_array, runs_dir, save_npy, stable_hash, sync_file, verify_cache, write_rows)
 
 log = get_logger("echoes.data")
 
@@ -22,8 +22,8 @@ log = get_logger("echoes.data")
 __all__ = ['log', 'SHAPES', 'MOTIONS', 'SYNTH_VERSION', 'LAYOUTS', 'CLIP_CACHE_VERSION', 'DATASETS', 'CIFAR_URL', 'synth_clip',
            'write_avi', 'ucf_group_fold', 'write_splits', 'synth', 'synthetic_root', 'ucf_classes', 'synth_ucf101',
            'read_classind', 'Layout', 'layout_of', 'index', 'DecodeError', 'sample_indices', 'crop_box',
-           'resize_frames', 'decode_clip', 'ClipCache', 'clip_cache', 'Splits', 'read_annotations', 'decode_frames',
-           'read_cifar10', 'image_to_seq', 'from_arrays', 'load', 'build_cache']
+           'resize_frames', 'decode_clip', 'ClipCache', 'clip_cache', 'PendingClips', 'caches', 'Splits',
+           'read_annotations', 'decode_frames', 'read_cifar10', 'image_to_seq', 'from_arrays', 'load', 'build_cache']
 
 # %% ../nbs/01_data.ipynb #fbfbcbda
 SHAPES = {  # polygons in unit coordinates, roughly inside the unit circle
@@ -597,10 +597,6 @@ class ClipCache:
         return cls(path, meta["key"], np.load(path / "clips.npy", mmap_mode="r"), np.load(path / "lengths.npy"),
                    np.load(path / "status.npy") == 1, meta["entries"], meta["skipped"], meta)
 
-def _save_npy(path: Path, a: np.ndarray) -> None:
-    "Save `a` to `path` atomically (closed, then renamed over the old file)."
-    with atomic_path(path) as t, open(t, "wb") as f: np.save(f, a)
-
 # %% ../nbs/01_data.ipynb #3c985f09
 def _decode_job(args):
     i, path, frames, size, opts = args
@@ -632,7 +628,7 @@ def _clip_key(entries: list[dict], videos_dir: Path, frames: int, size: int, jit
 class _Partial:
     "The state of a clip cache build in its `.partial` folder."
     path: Path
-    clips: np.ndarray  # (N, T, S, S, 3) uint8, a memmap of clips.npy
+    clips: np.ndarray  # (N, T, S, S, 3) uint8, a memmap of clips.npy, written through `write_rows`
     status: np.ndarray  # per clip: 0 = to do, 1 = decoded, 2 = skipped
     lengths: np.ndarray
     reasons: dict  # str(clip index) -> why it was skipped
@@ -656,37 +652,58 @@ class _Partial:
 
     def todo(self) -> list[int]: return [int(i) for i in np.flatnonzero(self.status == 0)]
 
+    def put(self, i: int, clip: np.ndarray, n: int) -> None:
+        "Record clip `i` (valid length `n`), its bytes written to the file, not through the memmap's pages."
+        write_rows(self.clips, i, clip[None]); self.lengths[i], self.status[i] = n, 1
+
     def checkpoint(self) -> None:
         "Flush the clips and lengths, then commit them by rewriting `status.npy`."
-        self.clips.flush()
-        _save_npy(self.path / "lengths.npy", self.lengths)
+        sync_file(self.clips.filename)
+        save_npy(self.path / "lengths.npy", self.lengths)
         with atomic_path(self.path / "reasons.json") as t: t.write_text(json.dumps(self.reasons))
-        _save_npy(self.path / "status.npy", self.status)  # last: it commits the rest
+        save_npy(self.path / "status.npy", self.status)  # last: it commits the rest
+
+# %% ../nbs/01_data.ipynb #badd8548
+def _results(jobs: list, job: Callable, num_workers: int, window: int = 16):
+    "The results of `job` on `jobs` as they finish: in a spawned pool of `num_workers`, at most `window` of them pending."
+    if num_workers <= 0: yield from map(job, jobs); return
+    import multiprocessing as mp, queue
+    mod = importlib.import_module("echoes.data")  # workers must find the job by module path
+    fn, done, started = getattr(mod, job.__name__), queue.SimpleQueue(), 0
+    with mp.get_context("spawn").Pool(num_workers, initializer=mod._init_worker) as pool:
+        for taken in range(len(jobs)):
+            for j in jobs[started:taken + window]: pool.apply_async(fn, (j,), callback=done.put, error_callback=done.put)
+            started = max(started, min(len(jobs), taken + window))
+            if isinstance(r := done.get(), BaseException): raise r
+            yield r
 
 # %% ../nbs/01_data.ipynb #7198685f
 def _decode_all(state: _Partial, jobs: list, job: Callable, entries: list[dict], num_workers: int,
-                progress: bool | None, checkpoint_s: float = 2.0) -> None:
-    "Run `job` on each of `jobs` (in a spawned pool when `num_workers` > 0) and record the results in `state`."
+                progress: bool | None, checkpoint_s: float = 2.0, sink=None) -> dict:
+    """Run `job` on each of `jobs` and record the results in `state`, handing each decoded clip to `sink.add(i, clip)`
+    as it comes (checkpointed with the state); the decode rates."""
     from tqdm.auto import tqdm
-    N = len(state.status)
+    N, T = state.clips.shape[:2]
     bar = tqdm(total=N, initial=N - len(jobs), desc="decode clips", unit="clip",
                disable=(None if progress is None else not progress) if N >= 100 else True)
-    last = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        if num_workers > 0:
-            import multiprocessing as mp
-            mod = importlib.import_module("echoes.data")  # workers must find the job by module path
-            pool = stack.enter_context(mp.get_context("spawn").Pool(num_workers, initializer=mod._init_worker))
-            results = pool.imap_unordered(getattr(mod, job.__name__), jobs, chunksize=4)
-        else: results = map(job, jobs)
-        for i, clip, n, err in results:
-            if err is None: state.clips[i], state.lengths[i], state.status[i] = clip, n, 1
-            else:
-                state.status[i], state.reasons[str(i)] = 2, err
-                log.warning(f"skipping {entries[i]['path']}: {err}")
-            bar.update(1)
-            if time.monotonic() - last > checkpoint_s: state.checkpoint(); last = time.monotonic()
-    bar.close(); state.checkpoint()
+    def checkpoint():
+        state.checkpoint()
+        if sink: sink.checkpoint()  # after the clips: a row counts as encoded only once its clip is committed
+    t0 = last = time.monotonic(); got = 0
+    window = 2 * getattr(sink, "batch_clips", 4) + 4 * num_workers  # a batch being encoded, the next filling
+    for i, clip, n, err in _results(jobs, job, num_workers, window):
+        if err is None:
+            state.put(i, clip, n); got += 1
+            if sink: sink.add(i, clip)
+        else:
+            state.status[i], state.reasons[str(i)] = 2, err
+            log.warning(f"skipping {entries[i]['path']}: {err}")
+        bar.update(1)
+        if time.monotonic() - last > checkpoint_s: checkpoint(); last = time.monotonic()
+    bar.close(); checkpoint()
+    s = time.monotonic() - t0
+    return {"clips": got, "frames": got * T, "seconds": round(s, 3), "clips_per_s": round(got / s, 2) if s else None,
+            "frames_per_s": round(got * T / s, 1) if s else None, "workers": num_workers}
 
 # %% ../nbs/01_data.ipynb #03be4d13
 def _write_meta(state: _Partial, entries: list[dict], **fields) -> dict:
@@ -704,24 +721,25 @@ def _write_meta(state: _Partial, entries: list[dict], **fields) -> dict:
 # %% ../nbs/01_data.ipynb #1b9aff8d
 def _build_clips(key: str, entries: list[dict], frames: int, size: int, make_jobs: Callable, job: Callable,
                  workers: Callable = lambda todo: 0, progress: bool | None = None, checkpoint_s: float = 2.0,
-                 **meta) -> ClipCache:
+                 sink=None, **meta) -> ClipCache:
     "The clip cache `key`, built or resumed by running `job` on `make_jobs(todo)`, the indices still to do."
     def build(part: Path):
         state = _Partial.open(part, {"key": key, "n": len(entries), "frames": frames, "size": size})
         todo = state.todo()
-        _decode_all(state, make_jobs(todo), job, entries, workers(todo), progress, checkpoint_s)
-        _write_meta(state, entries, key=key, frames=frames, size=size, **meta)
+        rates = _decode_all(state, make_jobs(todo), job, entries, workers(todo), progress, checkpoint_s, sink)
+        _write_meta(state, entries, key=key, frames=frames, size=size, decode=rates, **meta)
     path = checked_cache(runs_dir("cache", "clips"), key, build, what="building the clip cache", resume=True)
     return ClipCache.open(path, verify=False)
 
 def clip_cache(entries: list[dict], videos_dir: Path | str, frames: int = 16, size: int = 32, *,
                jitter: bool = False, crop: float = 1.0, flip: bool = False, seed: int = 0,
                num_workers: int | None = None, progress: bool | None = None,
-               checkpoint_s: float = 2.0) -> ClipCache:
+               checkpoint_s: float = 2.0, sink=None) -> ClipCache:
     """Build or reuse the clip cache of `entries` (dicts with a `path` relative to `videos_dir`).
 
     Augmented variants (`jitter`, `crop` < 1, `flip`) draw per-clip randomness from (seed, clip index) and are
-    cached under their own key. `num_workers` None picks 0 (in-process) for small jobs, else min(cpus, 8)."""
+    cached under their own key. `num_workers` None picks 0 (in-process) for small jobs, else min(cpus, 8).
+    `sink` (see `_decode_all`) is handed each clip as it is decoded."""
     videos_dir = Path(videos_dir)
     key, files, sampling = _clip_key(entries, videos_dir, frames, size, jitter, crop, flip, seed)
     aug = {k: sampling[k] for k in ("jitter", "crop", "flip")}
@@ -732,8 +750,32 @@ def clip_cache(entries: list[dict], videos_dir: Path | str, frames: int = 16, si
         if num_workers is not None: return num_workers
         nbytes = sum(files[i][1] or 0 for i in todo)
         return 0 if (len(todo) < 32 or nbytes < 16 << 20) else min(os.cpu_count() or 1, 8)
-    return _build_clips(key, entries, frames, size, jobs, _decode_job, workers, progress, checkpoint_s,
+    return _build_clips(key, entries, frames, size, jobs, _decode_job, workers, progress, checkpoint_s, sink,
                         sampling=sampling, videos_dir=str(videos_dir))
+
+# %% ../nbs/01_data.ipynb #66b22ea6
+@dataclass
+class PendingClips:
+    "A clip cache about to be built: its `key`, its clips' `shape` and `build(sink)`, which builds it, feeding `sink`."
+    key: str
+    shape: tuple
+    build: Callable
+
+def caches(entries: list[dict], videos_dir: Path | str, frames: int = 16, size: int = 32, encoder="pixels", *,
+           device: str = "auto", batch_frames: int = 256, num_workers: int | None = None, progress: bool | None = None,
+           checkpoint_s: float = 2.0, encoder_opts: dict | None = None):
+    """The clip cache of `entries` and its feature cache under `encoder`, built (both in one pass, decoded clips
+    encoded as they come) or reused; `encoder_opts` go to the encoder, `batch_frames` is its batch."""
+    feats = importlib.import_module("echoes.features")
+    enc = feats.get_encoder(encoder, **(encoder_opts or {}))
+    kw = dict(num_workers=num_workers, progress=progress, checkpoint_s=checkpoint_s)
+    key = _clip_key(entries, Path(videos_dir), frames, size, False, 1.0, False, 0)[0]
+    built = []
+    def build(sink) -> ClipCache:
+        built.append(clip_cache(entries, videos_dir, frames, size, sink=sink, **kw)); return built[-1]
+    fc = feats.feature_cache(PendingClips(key, (len(entries), frames, size, size, 3), build), enc, device=device,
+                             batch_frames=batch_frames)
+    return (built[-1] if built else clip_cache(entries, videos_dir, frames, size, **kw)), fc
 
 # %% ../nbs/01_data.ipynb #5589c1f8
 @dataclass
@@ -784,9 +826,8 @@ def _video_splits(root, *, fold, frames, frame_size, encoder, val_fraction, seed
     vg = _val_groups(tr, val_fraction, seed) if val_fraction else set()
     gkey = lambda e: e["group"] if e["group"] is not None else e["path"]
     allents = tr + te
-    cc = clip_cache(allents, vids, frames, frame_size, num_workers=num_workers, progress=progress)
-    feats = importlib.import_module("echoes.features")
-    fc = feats.feature_cache(cc, encoder, device=device, **(encoder_opts or {}))
+    cc, fc = caches(allents, vids, frames, frame_size, encoder, device=device, num_workers=num_workers,
+                    progress=progress, encoder_opts=encoder_opts)
     X = fc.features; y = np.array([e["label"] for e in allents]); L = np.maximum(cc.lengths, 1)
     ok = cc.ok
     i_tr = [i for i, e in enumerate(tr) if ok[i] and gkey(e) not in vg]
@@ -1051,13 +1092,14 @@ def load(dataset="synthetic", root: Path | str | None = None, *, fold: int = 1, 
 # %% ../nbs/01_data.ipynb #e3c8c883
 def build_cache(root: Path | str, fold: int = 1, frames: int = 16, size: int = 32, encoder: str = "pixels", *,
                 device: str = "auto", num_workers: int | None = None, encoder_opts: dict | None = None,
-                progress: bool | None = None, dataset: str | None = None) -> dict:
+                progress: bool | None = None, dataset: str | None = None, batch_frames: int = 256) -> dict:
     "Build or reuse the clip and feature caches of a dataset (`dataset` None: `layout_of(root)`); a JSON-able summary."
     root = Path(root); name = dataset or layout_of(root); lay = LAYOUTS[name]
     tr, sk_tr = _index(root, fold, "train", dataset=name); te, sk_te = _index(root, fold, "test", dataset=name)
-    cc = clip_cache(tr + te, lay.videos(root), frames, size, num_workers=num_workers, progress=progress)
-    fc = importlib.import_module("echoes.features").feature_cache(cc, encoder, device=device, **(encoder_opts or {}))
+    cc, fc = caches(tr + te, lay.videos(root), frames, size, encoder, device=device, batch_frames=batch_frames,
+                    num_workers=num_workers, progress=progress, encoder_opts=encoder_opts)
     return {"clips": int(cc.ok.sum()), "listed": len(tr) + len(te), "skipped": sk_tr + sk_te + cc.skipped,
             "short": cc.meta.get("short", []), "classes": lay.classes(root), "encoder": fc.encoder,
             "feature_shape": list(fc.features.shape), "clip_cache": str(cc.path), "feature_cache": str(fc.path),
-            "clip_cache_key": cc.key, "feature_cache_key": fc.key}
+            "clip_cache_key": cc.key, "feature_cache_key": fc.key,
+            "encode": fc.meta.get("encode"), "decode": fc.meta.get("decode")}

@@ -5,15 +5,16 @@ once per encoder into float16 N x T x D, and every model in a comparison reads t
 
 # %% ../nbs/02_features.ipynb #c83b5d60
 from __future__ import annotations
-import hashlib, json, time, warnings
-from dataclasses import dataclass
+import hashlib, json, shutil, time, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import (Timer, array_manifest, atomic_path, checked_cache, get_device, get_logger, reserve_array,
-                         runs_dir, stable_hash)
+from .core import (Timer, array_manifest, atomic_path, checked_cache, disk_full, get_device, get_logger,
+                         read_rows, reserve_array, runs_dir, save_npy, stable_hash, sync_file, write_rows)
+from fastcore.basics import patch
 
 log = get_logger("echoes.features")
 
@@ -122,7 +123,7 @@ def get_encoder(name: str | FrameEncoder = "pixels", **opts) -> FrameEncoder:
 # %% ../nbs/02_features.ipynb #c11c8792
 @torch.no_grad()
 def encode(clips: np.ndarray, encoder: FrameEncoder, device: str | torch.device = "auto",
-           batch_frames: int = 2048, out: np.ndarray | None = None) -> np.ndarray:
+           batch_frames: int = 256, out: np.ndarray | None = None) -> np.ndarray:
     "float16 features (N, T, D) of uint8 clips (N, T, S, S, 3), written into `out` if given."
     dev = get_device(device); encoder = encoder.to(dev).eval()
     N, T = clips.shape[:2]
@@ -141,40 +142,108 @@ FEATURE_CACHE_VERSION = 2  # 2: meta.json records the array's size and checksum
 
 @dataclass
 class FeatureCache:
-    "A feature cache: `features` (N, T, D) float16 memmap, its `key`, `path`, encoder name and spec."
+    "A feature cache: `features` (N, T, D) float16 memmap, its `key`, `path`, encoder name and spec, and `meta`."
     path: Path
     key: str
     features: np.ndarray
     encoder: str
     spec: dict
+    meta: dict = field(default_factory=dict)
 
-def _encode_ok(clips: np.ndarray, ok: np.ndarray, enc: FrameEncoder, out: np.ndarray, device, batch_frames: int):
-    "Encode into `out` the runs of consecutive good clips (`ok`), leaving the rows of the others as they are."
-    good = np.flatnonzero(np.asarray(ok))
-    for run in np.split(good, np.flatnonzero(np.diff(good) != 1) + 1):
-        if len(run):
-            sl = slice(run[0], run[-1] + 1)
-            out[sl] = encode(clips[sl], enc, device, batch_frames)
+class _FeatureWriter:
+    "A feature cache build in its `.partial` folder (resumed if started with the same `key` and shape)."
+    def __init__(self, path: Path, key: str, shape: tuple, enc: FrameEncoder, device, batch_frames: int):
+        N, T = shape[:2]; self.path, self.T = path, T
+        self.dev = get_device(device); self.enc = enc.to(self.dev).eval()
+        self.batch_clips = max(1, batch_frames // T)
+        params = {"key": key, "shape": [N, T, enc.out_dim(shape[2])]}; self.shape = params["shape"]
+        try:
+            if json.loads((path / "params.json").read_text()) != params: raise ValueError("other parameters")
+            self.feats, self.done = np.load(path / "features.npy", mmap_mode="r+"), np.load(path / "encoded.npy")
+            if list(self.feats.shape) != params["shape"] or self.done.shape != (N,): raise ValueError("other shapes")
+            log.info(f"resuming feature cache {key}: {int(self.done.sum())}/{N} clips already encoded")
+        except Exception:  # noqa: BLE001 -- nothing there yet, or anything odd: start over
+            shutil.rmtree(path, ignore_errors=True); path.mkdir(parents=True)
+            (path / "params.json").write_text(json.dumps(params))
+            self.feats, self.done = None, np.zeros(N, bool)
+        self.pending, self.streamed, self.clips, self.compute_s, self.t0 = [], 0, 0, 0.0, time.perf_counter()
+
+    def add(self, i: int, clip: np.ndarray) -> None:
+        "Take clip `i` as it is decoded: a full batch is encoded at once."
+        if self.done[i]: return
+        self.array()
+        self.pending.append((i, clip)); self.streamed += 1
+        if len(self.pending) >= self.batch_clips: self.flush()
+
+    def array(self) -> np.memmap:
+        "`features.npy`, its disk space reserved on first use: in a one-pass build, after the clip cache's."
+        if self.feats is None:
+            with disk_full("encoding the feature cache", self.path):  # named so, even inside the clip cache's build
+                self.feats = reserve_array(self.path / "features.npy", np.float16, self.shape)
+        return self.feats
+
+    def flush(self) -> None:
+        if self.pending: self.encode([i for i, _ in self.pending], np.stack([c for _, c in self.pending]))
+        self.pending = []
+
+    def encode(self, idx, x: np.ndarray) -> None:
+        "Encode the clips `x` into rows `idx`, timing the encoder."
+        with Timer(self.dev) as t: f = encode(x, self.enc, self.dev, len(x) * self.T)
+        self.compute_s += t.s; self.clips += len(x)
+        for k, i in enumerate(idx): write_rows(self.array(), int(i), f[k:k + 1])
+        self.done[np.asarray(idx, np.int64)] = True
+
+    def checkpoint(self) -> None:
+        "Flush the rows written, then commit them by rewriting `encoded.npy`."
+        if self.feats is not None: sync_file(self.feats.filename)
+        save_npy(self.path / "encoded.npy", self.done)
+
+# %% ../nbs/02_features.ipynb #6be3fa7a
+@patch
+def finish(self: _FeatureWriter, clips) -> dict:
+    "Encode the rows of good clips (`clips.ok`) not yet encoded, read from `clips.clips` in batches; the encoder's rates."
+    self.flush(); self.array()
+    todo = np.flatnonzero(np.asarray(clips.ok) & ~self.done)
+    runs = lambda ix: np.split(ix, np.flatnonzero(np.diff(ix) != 1) + 1)  # noqa: E731
+    for a in range(0, len(todo), self.batch_clips):
+        ix = todo[a:a + self.batch_clips]
+        self.encode(ix, np.concatenate([read_rows(clips.clips, r[0], r[-1] + 1) for r in runs(ix)]))
+    self.checkpoint()
+    s, frames = time.perf_counter() - self.t0, self.clips * self.T
+    rate = lambda n, t: round(n / t, 2) if t else None  # noqa: E731
+    return {"clips": self.clips, "frames": frames, "streamed": self.streamed, "seconds": round(s, 3),
+            "compute_s": round(self.compute_s, 3), "utilisation": rate(self.compute_s, s), "clips_per_s": rate(self.clips, s),
+            "frames_per_s": rate(frames, s), "compute_frames_per_s": rate(frames, self.compute_s),
+            "batch_frames": self.batch_clips * self.T, "device": str(self.dev)}
 
 # %% ../nbs/02_features.ipynb #1eb0f941
-def feature_cache(clip_cache, encoder: str | FrameEncoder = "pixels", *, device: str = "auto",
-                  batch_frames: int = 2048, **encoder_opts) -> FeatureCache:
-    "Build or reuse the float16 (N, T, D) features of `clip_cache` under `encoder`."
+def _rates_line(enc: dict, dec: dict | None) -> str:
+    "The encoder's (and the decoder's) rates, in words."
+    s = (f"{enc['clips']} clips ({enc['frames']} frames) in {enc['seconds']:.1f}s on {enc['device']}, {enc['frames_per_s']} "
+         f"frames/s; the encoder computed {enc['utilisation']:.0%} of that time ({enc['compute_frames_per_s']} frames/s)")
+    return s + (f"; decoding {dec['clips_per_s']} clips/s ({dec['frames_per_s']} frames/s)" if dec and dec["clips"] else "")
+
+def feature_cache(clips, encoder: str | FrameEncoder = "pixels", *, device: str = "auto",
+                  batch_frames: int = 256, **encoder_opts) -> FeatureCache:
+    """Build or reuse the float16 (N, T, D) features of a clip cache under `encoder`, `batch_frames` frames a batch.
+
+    `clips`: a finished clip cache (anything with `key`, `clips`, `ok`), read in batches, or one still to build
+    (`key`, `shape`, `build(sink)`), whose clips are encoded as they are decoded."""
     enc = get_encoder(encoder, **encoder_opts)
-    key = stable_hash({"clips": clip_cache.key, "encoder": enc.name, "spec": enc.spec, "weights": enc.weights_hash(),
+    key = stable_hash({"clips": clips.key, "encoder": enc.name, "spec": enc.spec, "weights": enc.weights_hash(),
                            "v": FEATURE_CACHE_VERSION})
     base = runs_dir("cache", "features")
     def build(part: Path):
-        clips = clip_cache.clips; N, T = clips.shape[:2]
-        D = enc.out_dim(clips.shape[2])
-        feats = reserve_array(part / "features.npy", np.float16, (N, T, D))
-        with Timer(get_device(device)) as t: _encode_ok(clips, clip_cache.ok, enc, feats, device, batch_frames)
-        feats.flush(); del feats
-        meta = {"key": key, "clip_cache": clip_cache.key, "encoder": enc.name, "spec": enc.spec,
-                "weights": enc.weights_hash(), "shape": [N, T, D], "seconds": round(t.s, 3), "created": time.time(),
+        pending = getattr(clips, "build", None)
+        w = _FeatureWriter(part, key, clips.shape if pending else clips.clips.shape, enc, device, batch_frames)
+        cc = pending(w) if pending else clips
+        rates, dec = w.finish(cc), getattr(cc, "meta", {}).get("decode")
+        meta = {"key": key, "clip_cache": clips.key, "encoder": enc.name, "spec": enc.spec,
+                "weights": enc.weights_hash(), "shape": list(w.feats.shape), "seconds": rates["seconds"],
+                "encode": rates, "decode": dec, "created": time.time(),
                 "arrays": array_manifest(part, ["features.npy"], finite=("features.npy",))}
         with atomic_path(part / "meta.json") as f: f.write_text(json.dumps(meta, default=str))
-        log.info(f"encoded {N} clips with {enc.name} in {t.s:.1f}s -> {base / key}")
-    path = checked_cache(base, key, build, what="encoding the feature cache", finite=("features.npy",))
+        log.info(f"encoded with {enc.name}: {_rates_line(rates, dec)} -> {base / key}")
+    path = checked_cache(base, key, build, what="encoding the feature cache", resume=True, finite=("features.npy",))
     meta = json.loads((path / "meta.json").read_text())
-    return FeatureCache(path, key, np.load(path / "features.npy", mmap_mode="r"), meta["encoder"], meta["spec"])
+    return FeatureCache(path, key, np.load(path / "features.npy", mmap_mode="r"), meta["encoder"], meta["spec"], meta)

@@ -220,7 +220,9 @@ def test_disk_full_while_generating_the_synthetic_dataset(small_disk, tmp_path, 
 
 @pytest.mark.parametrize("fill_in,size,where", [
     ("none", "256k", "building the clip cache"),     # clips.npy (590 kB) cannot get its space
-    ("decode", "1m", "building the clip cache"),     # the disk fills during decoding: the checkpoint cannot be written
+    ("decode", "2m", "building the clip cache"),     # the disk fills during decoding (clips.npy and, decoded and
+                                                      # encoded in one pass, features.npy got their 1.8 MB): the
+                                                      # checkpoint cannot be written
     ("none", "1m", "encoding the feature cache"),    # the clips fit, features.npy (1.2 MB) cannot get its space
     ("encode", "4m", "encoding the feature cache"),  # the disk fills during encoding: meta.json cannot be written
 ])
