@@ -310,6 +310,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'echoes.data._write_meta': ('data.html#_write_meta', 'echoes/data.py'),
                              'echoes.data.build_cache': ('data.html#build_cache', 'echoes/data.py'),
                              'echoes.data.caches': ('data.html#caches', 'echoes/data.py'),
+                             'echoes.data.class_samples': ('data.html#class_samples', 'echoes/data.py'),
                              'echoes.data.clip_cache': ('data.html#clip_cache', 'echoes/data.py'),
                              'echoes.data.crop_box': ('data.html#crop_box', 'echoes/data.py'),
                              'echoes.data.decode_clip': ('data.html#decode_clip', 'echoes/data.py'),

@@ -22,8 +22,9 @@ log = get_logger("echoes.data")
 __all__ = ['log', 'SHAPES', 'MOTIONS', 'SYNTH_VERSION', 'LAYOUTS', 'CLIP_CACHE_VERSION', 'DATASETS', 'CIFAR_URL', 'synth_clip',
            'write_avi', 'ucf_group_fold', 'write_splits', 'synth', 'synthetic_root', 'ucf_classes', 'synth_ucf101',
            'read_classind', 'Layout', 'layout_of', 'index', 'DecodeError', 'sample_indices', 'crop_box',
-           'resize_frames', 'decode_clip', 'ClipCache', 'clip_cache', 'PendingClips', 'caches', 'Splits',
-           'read_annotations', 'decode_frames', 'read_cifar10', 'image_to_seq', 'from_arrays', 'load', 'build_cache']
+           'resize_frames', 'decode_clip', 'ClipCache', 'clip_cache', 'class_samples', 'PendingClips', 'caches',
+           'Splits', 'read_annotations', 'decode_frames', 'read_cifar10', 'image_to_seq', 'from_arrays', 'load',
+           'build_cache']
 
 # %% ../nbs/01_data.ipynb #fbfbcbda
 SHAPES = {  # polygons in unit coordinates, roughly inside the unit circle
@@ -752,6 +753,28 @@ def clip_cache(entries: list[dict], videos_dir: Path | str, frames: int = 16, si
         return 0 if (len(todo) < 32 or nbytes < 16 << 20) else min(os.cpu_count() or 1, 8)
     return _build_clips(key, entries, frames, size, jobs, _decode_job, workers, progress, checkpoint_s, sink,
                         sampling=sampling, videos_dir=str(videos_dir))
+
+# %% ../nbs/01_data.ipynb #0119b651
+def class_samples(path: Path | str, classes: list[str], step: int = 2) -> bytes:
+    """A PNG of one clip of each class of the clip cache at `path` (every `step`-th frame, as the models see it),
+    drawn once per cache and class list, then read from `runs/cache/samples`: trials of a sweep all show it."""
+    cache = ClipCache.open(path, verify=False)  # a few clips are read: whoever trains on it verifies it
+    out = runs_dir("cache", "samples") / f"{cache.key}-{stable_hash([list(classes), step])[:12]}.png"
+    if out.exists(): return out.read_bytes()
+    from matplotlib.figure import Figure
+    labels = np.array([e["label"] for e in cache.entries])
+    picks = [next(iter(np.flatnonzero((labels == c) & cache.ok)), None) for c in range(len(classes))]
+    steps = list(range(0, cache.clips.shape[1], step)); h = cache.clips.shape[2]
+    blank = np.full((len(steps), *cache.clips.shape[2:]), 255, np.uint8)
+    # one image of all the frames, a white gap between them: one axes per frame costs a second to draw
+    pad = lambda a, ax: np.pad(a, [(0, 0)] * ax + [(0, 2)] + [(0, 0)] * (a.ndim - ax - 1), constant_values=255)  # noqa: E731
+    rows = [cache.clips[i, steps] if i is not None else blank for i in picks]
+    mosaic = np.concatenate([np.concatenate(list(pad(pad(r, 1), 2)), axis=1) for r in rows], axis=0)
+    fig = Figure(figsize=(len(steps) * 0.9, len(classes) * 0.95)); ax = fig.subplots()
+    ax.imshow(mosaic); ax.set_xticks([])
+    ax.set_yticks([(h + 2) * r + h / 2 for r in range(len(classes))], classes, fontsize=8)
+    with atomic_path(out) as f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    return out.read_bytes()
 
 # %% ../nbs/01_data.ipynb #66b22ea6
 @dataclass
