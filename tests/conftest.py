@@ -18,6 +18,14 @@ def echoes_runs(tmp_path_factory):
         os.environ["ECHOES_RUNS"] = old
 
 
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    "A fresh runs folder for one test, so that its caches never leak into another's."
+    r = tmp_path / "runs"
+    monkeypatch.setenv("ECHOES_RUNS", str(r))
+    return r
+
+
 @pytest.fixture(autouse=True)
 def fresh_tracking_uri():
     "Tests that point MLflow's fluent API at their own store must not leave the next test talking to it."

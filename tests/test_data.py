@@ -16,14 +16,6 @@ from echoes import data
 from echoes.data import build_cache, clip_cache, index, load, synth
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    "A fresh runs folder per test, so caches never leak between tests."
-    r = tmp_path / "runs"
-    monkeypatch.setenv("ECHOES_RUNS", str(r))
-    return r
-
-
 @pytest.fixture(scope="module")
 def ucf(tmp_path_factory):
     "A small synthetic dataset in UCF101 layout (3 classes x 8 clips, 8 frames of 16x16)."

@@ -25,13 +25,6 @@ def ucf(tmp_path_factory):
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    r = tmp_path / "runs"
-    monkeypatch.setenv("ECHOES_RUNS", str(r))
-    return r
-
-
-@pytest.fixture
 def said():
     "The messages the echoes loggers emit during the test."
     out = []

@@ -17,12 +17,6 @@ class Clips:
         self.ok = np.ones(len(clips), bool) if ok is None else ok
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ECHOES_RUNS", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
 @pytest.fixture(scope="module")
 def clips():
     return np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32, 3), dtype=np.uint8)

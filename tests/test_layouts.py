@@ -19,13 +19,6 @@ OPTS = dict(frames=4, frame_size=16, val_fraction=None, num_workers=0)
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    r = tmp_path / "runs"
-    monkeypatch.setenv("ECHOES_RUNS", str(r))
-    return r
-
-
 def video(path: Path, value: int, frames: int = 12, fmt: str = "avi") -> Path:
     "A real video of flat frames at `value` (so a clip can be told by its content): XVID AVI, MP4 or WebM."
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,6 @@ from echoes.data import caches, clip_cache, index, synth
 from echoes.features import encode, feature_cache, get_encoder
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    r = tmp_path / "runs"
-    monkeypatch.setenv("ECHOES_RUNS", str(r))
-    return r
-
-
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     "3 classes x 10 clips of 12 frames at 32x32, UCF101 layout."
