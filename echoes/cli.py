@@ -182,7 +182,7 @@ def _add_sweep(sub) -> None:
     w.add_argument("sweep", type=Path, help="sweep file, e.g. sweeps/default.yaml")
     w.add_argument("--parallel", type=int, default=None, help="trials at a time (default: one per free core, GPUs shared out)")
     w.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite under runs/; http://... for a server)")
-    w.add_argument("--executor", choices=["local", "ray"], default="local", help="local process pool or a Ray cluster")
+    w.add_argument("--executor", choices=["local", "ray"], default="local", help="the local pool (a warm kernel per slot) or a Ray cluster")
     w.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. 127.0.0.1:6379")
     w.add_argument("--num-gpus", type=float, default=None, help="GPUs per trial on Ray (default: from the trial)")
     w.add_argument("--json", action="store_true", help="print the summary as one JSON line")
