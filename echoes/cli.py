@@ -120,11 +120,13 @@ def _cmd_data_index(a) -> int:
 def _add_index(d) -> None:
     from echoes.data import LAYOUTS
     i = d.add_parser("index", help=f"list the clips of a split of a dataset in a known layout ({', '.join(LAYOUTS)})")
-    i.add_argument("--root", required=True, type=Path); i.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])
+    i.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    i.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="the official split (default: %(default)s)")
     i.add_argument("--split", required=True, choices=["train", "val", "test"])
     i.add_argument("--val-fraction", type=float, default=None, help="carve val from train by whole groups")
     i.add_argument("--dataset", choices=list(LAYOUTS), default=None, help="the layout (default: told by its annotation files)")
-    i.add_argument("--seed", type=int, default=0); i.add_argument("--json", action="store_true")
+    i.add_argument("--seed", type=int, default=0, help="which groups --val-fraction takes (default: %(default)s)")
+    i.add_argument("--json", action="store_true", help="the clips as one JSON list (default: a tab-separated line per clip)")
     i.set_defaults(func=_cmd_data_index)
 
 def _cmd_data_cache(a) -> int:
@@ -145,14 +147,16 @@ def _cache_summary(r: dict) -> str:
 def _add_cache(d) -> None:
     from echoes.data import LAYOUTS
     c = d.add_parser("cache", help=f"build or reuse the clip and feature caches of a dataset ({', '.join(LAYOUTS)})")
-    c.add_argument("--root", required=True, type=Path); c.add_argument("--fold", type=int, default=1, choices=[1, 2, 3])
-    c.add_argument("--frames", type=int, default=16); c.add_argument("--size", type=int, default=32)
+    c.add_argument("--root", required=True, type=Path, help="the dataset's folder")
+    c.add_argument("--fold", type=int, default=1, choices=[1, 2, 3], help="the official split (default: %(default)s)")
+    c.add_argument("--frames", type=int, default=16, help="frames sampled per clip (default: %(default)s)")
+    c.add_argument("--size", type=int, default=32, help="frames resized to SIZE x SIZE (default: %(default)s)")
     c.add_argument("--dataset", choices=list(LAYOUTS), default=None, help="the layout (default: told by its annotation files)")
-    c.add_argument("--encoder", default="pixels")
+    c.add_argument("--encoder", default="pixels", help="frozen frame encoder: pixels, randconv, resnet18 (default: %(default)s)")
     c.add_argument("--device", default="auto", help="where the encoder runs (default: %(default)s: CUDA when there is one)")
     c.add_argument("--workers", type=int, default=None, help="decoding processes (default: by the job's size, up to 8)")
     c.add_argument("--batch-frames", type=int, default=256, help="frames per encoder batch (default: %(default)s)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the caches' paths, keys and rates as JSON")
     c.set_defaults(func=_cmd_data_cache)
 
 # %% ../nbs/10_cli.ipynb #98f13e35
