@@ -190,8 +190,10 @@ class _FeatureWriter:
         "Encode the clips `x` into rows `idx`, timing the encoder."
         with Timer(self.dev) as t: f = encode(x, self.enc, self.dev, len(x) * self.T)
         self.compute_s += t.s; self.clips += len(x)
-        for k, i in enumerate(idx): write_rows(self.array(), int(i), f[k:k + 1])
-        self.done[np.asarray(idx, np.int64)] = True
+        idx = np.asarray(idx, np.int64)
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1  # one write per run of consecutive rows, not one per clip
+        for a, b in zip([0, *cuts], [*cuts, len(idx)]): write_rows(self.array(), int(idx[a]), f[a:b])
+        self.done[idx] = True
 
     def checkpoint(self) -> None:
         "Flush the rows written, then commit them by rewriting `encoded.npy`."
